@@ -1,0 +1,175 @@
+"""Packed attention backends over one PackedBatch (DESIGN §4).
+
+All backends take q (N, H, D), k and v (N, KV, D) for the flat token stream and return
+(N, H, D). Segment s of the batch has queries cu_seqlens_q[s]:cu_seqlens_q[s+1] and keys
+k_index[cu_seqlens_k[s]:cu_seqlens_k[s+1]]; query i of a segment sees its keys j with
+j <= i + len_k - len_q (bottom-right-aligned causal).
+
+- ``flash_attn``:   Dao-AILab flash_attn_varlen_func (optional package, CUDA).
+- ``torch_varlen``: torch.nn.attention.varlen.varlen_attn (CUDA builds of torch >= 2.10).
+- ``sdpa``:         per-example dense mask + F.scaled_dot_product_attention; CPU path and reference.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional: pip install llara-fast[flash]
+    from flash_attn import flash_attn_varlen_func
+except Exception:  # ImportError, or a broken CUDA build
+    flash_attn_varlen_func = None
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except Exception:
+    varlen_attn = None
+
+BACKENDS = ("auto", "sdpa", "torch_varlen", "flash_attn")
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    dev = torch.device(device)
+    out = []
+    if dev.type == "cuda":
+        if flash_attn_varlen_func is not None:
+            out.append("flash_attn")
+        if varlen_attn is not None:
+            out.append("torch_varlen")
+    out.append("sdpa")
+    return out
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
+    avail = available_backends(device)
+    if name == "auto":
+        return avail[0]
+    if name not in avail:
+        why = {
+            "flash_attn": "needs a CUDA device and the flash-attn package (pip install 'llara-fast[flash]')",
+            "torch_varlen": "needs a CUDA device and torch >= 2.10 (torch.nn.attention.varlen)",
+        }[name]
+        raise RuntimeError(f"attention backend {name!r} is unavailable on {device}: {why}")
+    return name
+
+
+@dataclass
+class AttnMeta:
+    """What the chosen backend needs, computed once per batch and shared by all layers."""
+    backend: str
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    k_index: torch.Tensor
+    # sdpa only: per example (token start, token end, bool mask (L, L)).
+    blocks: list | None = None
+
+
+def build_meta(batch, backend: str) -> AttnMeta:
+    blocks = None
+    if backend == "sdpa":
+        blocks = _example_blocks(batch)
+    return AttnMeta(backend, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q,
+                    batch.max_seqlen_k, batch.k_index, blocks)
+
+
+def _example_blocks(batch) -> list:
+    """Dense boolean masks over independent blocks of the token stream, built from
+    cu_seqlens and k_index alone.
+
+    A block is a maximal run of consecutive segments whose tokens and keys overlap (for
+    training batches: an example's main and branch segments; for encoding batches: one
+    segment). Attention never crosses blocks, so each is one small SDPA call."""
+    cu_q = batch.cu_seqlens_q.tolist()
+    cu_k = batch.cu_seqlens_k.tolist()
+    k_index = batch.k_index.cpu()
+    segs = []  # (q0, q1, keys)
+    for s in range(len(cu_q) - 1):
+        keys = k_index[cu_k[s]:cu_k[s + 1]]  # (lk,) token indices
+        segs.append((cu_q[s], cu_q[s + 1], keys))
+    groups: list[list] = []
+    hi = -1
+    for q0, q1, keys in segs:
+        lo = min(q0, int(keys.min())) if len(keys) else q0
+        if groups and lo < hi:
+            groups[-1].append((q0, q1, keys))
+        else:
+            groups.append([(q0, q1, keys)])
+        hi = max(hi, q1, int(keys.max()) + 1 if len(keys) else q1)
+    blocks = []
+    dev = batch.input_ids.device
+    for g in groups:
+        a = min(min(q0, int(k.min()) if len(k) else q0) for q0, _, k in g)
+        b = max(max(q1, int(k.max()) + 1 if len(k) else q1) for _, q1, k in g)
+        if a != g[0][0] or b != g[-1][1]:
+            raise ValueError(f"malformed PackedBatch: keys of tokens {g[0][0]}..{g[-1][1]} reach {a}..{b}")
+        mask = torch.zeros(b - a, b - a, dtype=torch.bool)
+        for q0, q1, keys in g:
+            lq, lk = q1 - q0, len(keys)
+            rows = mask[q0 - a:q1 - a]  # a view: writes land in mask
+            rows[:, keys - a] = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)  # (lq, lk)
+        blocks.append((a, b, mask.to(dev)))
+    return blocks
+
+
+def _sdpa(q, k, v, meta: AttnMeta) -> torch.Tensor:
+    H, KV = q.shape[1], k.shape[1]
+    out = torch.empty_like(q)
+    for a, b, mask in meta.blocks:
+        qe = q[a:b].transpose(0, 1)  # (H, L, D)
+        ke = k[a:b].transpose(0, 1)  # (KV, L, D)
+        ve = v[a:b].transpose(0, 1)  # (KV, L, D)
+        if KV != H:
+            ke = ke.repeat_interleave(H // KV, dim=0)  # (H, L, D)
+            ve = ve.repeat_interleave(H // KV, dim=0)  # (H, L, D)
+        oe = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=mask)  # (H, L, D)
+        out[a:b] = oe.transpose(0, 1)  # (L, H, D)
+    return out
+
+
+_VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
+
+
+def _torch_varlen(q, k, v, meta: AttnMeta) -> torch.Tensor:
+    ks = k.index_select(0, meta.k_index)  # (N_k, KV, D)
+    vs = v.index_select(0, meta.k_index)  # (N_k, KV, D)
+    kw = {}
+    H, KV = q.shape[1], k.shape[1]
+    if KV != H:
+        if "enable_gqa" in _VARLEN_PARAMS:
+            kw["enable_gqa"] = True
+        else:
+            ks = ks.repeat_interleave(H // KV, dim=1)  # (N_k, H, D)
+            vs = vs.repeat_interleave(H // KV, dim=1)  # (N_k, H, D)
+    # torch 2.10 took is_causal; later releases take window_size=(left, right) instead,
+    # where (-1, 0) is causal aligned bottom-right like FlashAttention.
+    if "is_causal" in _VARLEN_PARAMS:
+        kw["is_causal"] = True
+    elif "window_size" in _VARLEN_PARAMS:
+        kw["window_size"] = (-1, 0)
+    else:
+        raise RuntimeError("torch.nn.attention.varlen.varlen_attn has neither is_causal nor window_size; "
+                           "this torch release is not supported by the torch_varlen backend")
+    out = varlen_attn(q, ks, vs, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
+                      meta.max_seqlen_k, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _flash_attn(q, k, v, meta: AttnMeta) -> torch.Tensor:
+    ks = k.index_select(0, meta.k_index)  # (N_k, KV, D)
+    vs = v.index_select(0, meta.k_index)  # (N_k, KV, D)
+    return flash_attn_varlen_func(q, ks, vs, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
+                                  meta.max_seqlen_k, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True)
+
+
+_IMPLS = {"sdpa": _sdpa, "torch_varlen": _torch_varlen, "flash_attn": _flash_attn}
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    return _IMPLS[meta.backend](q, k, v, meta)

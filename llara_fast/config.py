@@ -1,0 +1,184 @@
+"""Model arguments with named presets, and the parameter / FLOP accounting (DESIGN §6).
+
+The same counter is used by the trainer's log line and by benchmarks/throughput.py, so
+the MFU printed by both is computed one way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (no GQA)
+    vocab_size: int = 32000
+    ffn_hidden: int = 11008
+    head_dim: int | None = None  # None: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # LLaMA-3.1 style frequency scaling, HF keys: {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
+    rope_scaling: dict[str, Any] | None = None
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    # Where the weights of a preset come from ("smollm2-gguf", or None: random init).
+    weights: str | None = None
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; set head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelArgs":
+        if name not in PRESETS:
+            raise KeyError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict | str | os.PathLike, **overrides) -> "ModelArgs":
+        """Build from an HF LLaMA config.json (a dict, the file, or its directory)."""
+        path = None
+        if not isinstance(cfg, dict):
+            path = str(cfg)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no config.json (expected an HF LLaMA checkpoint directory)")
+            with open(path) as f:
+                cfg = json.load(f)
+        where = path or "config"
+        model_type = cfg.get("model_type")
+        archs = cfg.get("architectures") or []
+        if model_type != "llama" and not any(a.startswith("Llama") for a in archs):
+            raise ValueError(
+                f"{where}: model_type={model_type!r}, architectures={archs}; expected a LLaMA-architecture "
+                "model (model_type 'llama', LlamaForCausalLM)")
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+            if k not in cfg:
+                raise ValueError(f"{where}: missing field {k!r}")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ValueError(f"{where}: attention_bias/mlp_bias are not supported (LLaMA has no biases)")
+        scaling = cfg.get("rope_scaling") or None
+        rope_theta = cfg.get("rope_theta")
+        rp = cfg.get("rope_parameters")  # transformers >= 5 nests these
+        if isinstance(rp, dict):
+            rope_theta = rp.get("rope_theta", rope_theta)
+            if rp.get("rope_type", "default") != "default":
+                scaling = rp
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise ValueError(f"{where}: rope scaling type {kind!r} is not supported (only 'llama3')")
+        args = cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            vocab_size=cfg["vocab_size"],
+            ffn_hidden=cfg["intermediate_size"],
+            head_dim=cfg.get("head_dim"),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=dict(scaling) if scaling else None,
+            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+        return dataclasses.replace(args, **overrides)
+
+    def to_hf_config(self) -> dict:
+        cfg = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "intermediate_size": self.ffn_hidden,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+        if self.rope_scaling:
+            cfg["rope_scaling"] = dict(self.rope_scaling)
+        return cfg
+
+    # ---- accounting ---------------------------------------------------------------------
+    def num_params(self, embedding: bool = True) -> int:
+        """Parameter count. embedding=False leaves out the input embedding and the LM head
+        (their FLOPs are counted separately, where the head is actually applied)."""
+        d, hd = self.dim, self.head_dim
+        attn = d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + self.n_heads * hd * d
+        mlp = 3 * d * self.ffn_hidden
+        per_layer = attn + mlp + 2 * d
+        n = self.n_layers * per_layer + d  # + final norm
+        if embedding:
+            n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return n
+
+    def step_flops(self, n_tokens: int, attn_pairs: int, head_positions: int, backward: bool = True) -> float:
+        """Model FLOPs of one step, DESIGN §6 accounting ("ours"):
+        2·N_nonembedding per token per matmul pass, attention 4·head_dim·heads per allowed
+        (query, key) pair per layer, LM head 2·d·V per position where it is applied; ×3 with backward."""
+        mult = 3 if backward else 1
+        dense = 2 * self.num_params(embedding=False) * n_tokens
+        attn = 4 * self.head_dim * self.n_heads * self.n_layers * attn_pairs
+        head = 2 * self.dim * self.vocab_size * head_positions
+        return float(mult * (dense + attn + head))
+
+    def torchtitan_flops_per_token(self, seq_len: int) -> float:
+        """torchtitan's figure for training: 6·(N − N_embedding) + 12·L·H·head_dim·S per token
+        (N counts the LM head; the full causal square is charged, not the allowed pairs)."""
+        n = self.num_params(embedding=True) - self.vocab_size * self.dim
+        return float(6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len)
+
+
+def mfu(flops: float, seconds: float, peak_tflops: float) -> float:
+    return flops / seconds / (peak_tflops * 1e12)
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    name = device_name.lower()
+    for key, val in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return val
+    return None
+
+
+PRESETS: dict[str, ModelArgs] = {
+    # Tiny random model over the SmolLM2 tokenizer: tests and CPU smoke runs.
+    "debug": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, ffn_hidden=176,
+                       rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                              ffn_hidden=1536, rope_theta=100000.0, max_seq_len=8192,
+                              tie_embeddings=True, weights="smollm2-gguf"),
+    "tinyllama-1.1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000,
+                                ffn_hidden=5632, rope_theta=10000.0, max_seq_len=2048),
+    "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000,
+                           ffn_hidden=11008, rope_theta=10000.0, max_seq_len=4096),
+    "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                           ffn_hidden=14336, rope_theta=500000.0, max_seq_len=8192),
+}

