@@ -4,9 +4,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np
-import pytest
-import torch
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # Triton kernels run interpreted on CPU; set before they are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from llara_fast.data.packing import Example
 from llara_fast.data.templates import Template
@@ -67,3 +71,22 @@ def hf_reference_model(model):
     sd = {k.removeprefix("model."): v for k, v in ours_to_hf(model.state_dict()).items() if k != "lm_head.weight"}
     ref.load_state_dict(sd, strict=True)
     return ref.eval()
+
+
+CUDA = torch.cuda.is_available()
+
+
+def kernel_cases(cpu_dtypes=("float32", "float16")):
+    """(device, dtype, impl) cases for kernel tests: the Triton kernels (interpreted on CPU) and
+    the chunked PyTorch path on CPU in fp32/fp16; bf16 on a GPU only (broken in the interpreter)."""
+    cases = [pytest.param("cpu", getattr(torch, d), impl, id=f"cpu-{d}-{impl}")
+             for d in cpu_dtypes for impl in ("triton", "torch")]
+    cases.append(pytest.param("cuda", torch.bfloat16, "triton", id="cuda-bfloat16-triton",
+                              marks=pytest.mark.skipif(not CUDA, reason="bf16 kernels are tested on a GPU only")))
+    return cases
+
+
+def poison_empty(shape, device, dtype):
+    """An allocator that fills outputs with garbage, so an element a kernel forgot to write shows."""
+    t = torch.empty(shape, device=device, dtype=dtype)
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)

@@ -1,0 +1,14 @@
+"""Triton kernels, one op per file, each with a PyTorch reference in reference.py.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set before these
+modules are imported); the losses then default to each op's chunked PyTorch path.
+"""
+import torch
+
+
+def use_triton(device: torch.device, impl: str) -> bool:
+    """impl "auto": Triton on CUDA, the chunked PyTorch path elsewhere; "triton" forces the
+    kernels (on CPU that needs TRITON_INTERPRET=1); "torch" forces the PyTorch path."""
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    return impl == "triton" or (impl == "auto" and device.type == "cuda")

@@ -1,0 +1,56 @@
+"""linear_xent (fused linear + LM CE, chunked) against the PyTorch reference."""
+import pytest
+import torch
+
+from conftest import kernel_cases, poison_empty
+from llara_fast.kernels import linear_xent as lx_mod
+from llara_fast.kernels.linear_xent import linear_xent
+from llara_fast.kernels.reference import linear_xent_reference
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-2, 2e-2), torch.bfloat16: (3e-2, 3e-2)}
+SHAPES = [  # M, d, V, chunk rows
+    (64, 32, 512, 16),
+    (47, 40, 1000, 16),     # awkward: rows not a multiple of the chunk, V not a multiple of the tile
+    (20, 16, 70_001, 8),    # vocabulary > 65,536
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("device,dtype,impl", kernel_cases())
+def test_matches_reference(device, dtype, impl, shape, monkeypatch):
+    M, d, V, chunk = shape
+    if V > 65536 and impl == "triton" and device == "cpu" and dtype != torch.float32:
+        pytest.skip("the large-vocabulary case runs interpreted once (fp32) to keep CPU time low")
+    monkeypatch.setattr(lx_mod, "_empty", poison_empty)
+    gen = torch.Generator().manual_seed(M * V)
+    h = torch.randn(M, d, generator=gen).to(device, dtype).requires_grad_()
+    w = (torch.randn(V, d, generator=gen) * 0.5).to(device, dtype).requires_grad_()
+    y = torch.randint(0, V, (M,), generator=gen)
+    y[0], y[1] = 0, V - 1
+    y = y.to(device)
+    loss = linear_xent(h, w, y, chunk_rows=chunk, impl=impl)
+    gh, gw = torch.autograd.grad(loss * 1.3, (h, w))
+    ref = linear_xent_reference(h, w, y)
+    rgh, rgw = torch.autograd.grad(ref * 1.3, (h, w))
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(loss, ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(gh.float(), rgh.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(gw.float(), rgw.float(), atol=atol, rtol=rtol)
+
+
+def test_no_grad_forward_only():
+    h, w = torch.randn(10, 8), torch.randn(30, 8)
+    y = torch.randint(0, 30, (10,))
+    torch.testing.assert_close(linear_xent(h, w, y), linear_xent_reference(h, w, y))
+
+
+def test_bad_input():
+    h, w = torch.randn(4, 8), torch.randn(30, 8)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        linear_xent(h, w, torch.tensor([1, 2, 30, 0]))
+    with pytest.raises(ValueError, match="targets must be"):
+        linear_xent(h, w, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="targets must be int"):
+        linear_xent(h, w, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"hidden \(M, d\)"):
+        linear_xent(h, torch.randn(30, 9), torch.tensor([1, 2, 3, 0]))
