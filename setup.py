@@ -5,7 +5,8 @@ from setuptools import setup
 
 ext = Pybind11Extension(
     "llara_fast._C",
-    sources=["csrc/bindings.cpp"],
+    sources=["csrc/bindings.cpp", "csrc/packer.cpp"],
+    include_dirs=["csrc"],
     cxx_std=17,
     extra_compile_args=["-O3"],
 )

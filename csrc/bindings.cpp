@@ -1,11 +1,13 @@
 // llara_fast._C: native helpers for the data path (pybind11, no libtorch).
-// The greedy packer of the data issue lands here; for now the module carries the
-// attention-pair count used by the FLOP accounting, so the build path is exercised.
+// The greedy packer lives in packer.cpp; this file carries the module definition and the
+// attention-pair count used by the FLOP accounting.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <stdexcept>
+
+#include "packer.h"
 
 namespace py = pybind11;
 
@@ -36,4 +38,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "llara_fast native helpers";
   m.def("attn_pairs", &attn_pairs, py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         "Allowed (query, key) pairs of a PackedBatch under bottom-right causal masking.");
+  llara::register_packer(m);
 }
