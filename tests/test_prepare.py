@@ -1,0 +1,160 @@
+"""prepare: the released format round trip, text chunking, bad input, tokenizer identity."""
+import io
+import json
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+
+from llara_fast.data import prepare as P
+from llara_fast.data.shards import ShardedDataset, tokenizer_fingerprint
+from llara_fast.data.sources import sentencepiece_model_path
+from llara_fast.data.templates import Template
+
+RELEASED = [  # the released LLaRA format: one object per line, read unchanged
+    {"input": "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was named after Gustave Eiffel.",
+     "output_summarize": "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was named after Gustave Eiffel.",
+     "output_predict": "Locally nicknamed \"La dame de fer\", it was constructed from 1887 to 1889."},
+    {"input": "Zürich — naïve café, 東京 and emoji 🚀 in one passage.", "output_summarize": "Zürich café 🚀",
+     "output_predict": ""},
+    {"input": " ".join(["word"] * 300), "output_summarize": " ".join(f"w{i}" for i in range(300)),
+     "output_predict": "short"},
+]
+MAX_LEN = 40
+
+
+@pytest.fixture(scope="module")
+def smol():
+    path = P.resolve_tokenizer("smollm2-135m")
+    tok = P._load_tokenizer(path)
+    return tok, Template.from_tokenizer(tok)
+
+
+def write_jsonl(path, rows):
+    with open(path, "wb") as f:
+        for r in rows:
+            f.write(r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode() + b"\n")
+    return path
+
+
+def run(tmp_path, inp, fmt="llara-jsonl", name="out", **kw):
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    return P.prepare(inp, fmt, "smollm2-135m", kw.pop("max_len", MAX_LEN), tmp_path / name, **kw)
+
+
+def test_released_format_roundtrip(tmp_path, smol):
+    tok, tpl = smol
+    s = run(tmp_path, write_jsonl(tmp_path / "data.jsonl", RELEASED))
+    assert s["examples"] == 3 and s["skipped"] == {} and s["truncated"] == 1 and s["empty_pred_targets"] == 1
+    ds = ShardedDataset(tmp_path / "out", tokenizer=tok)
+    for i, row in enumerate(RELEASED):
+        e = ds.example(i)
+        ids = tok(row["input"], add_special_tokens=False)["input_ids"]
+        assert e.text_ids.tolist() == ids[:MAX_LEN]
+        for field, got in (("output_summarize", e.sum_targets), ("output_predict", e.pred_targets)):
+            want = tpl.target_set(tok(row[field], add_special_tokens=False, truncation=True,
+                                      max_length=MAX_LEN)["input_ids"])
+            assert got.tolist() == want, (i, field)
+    m = ds.manifest
+    assert m["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tok) and m["max_len"] == MAX_LEN
+    assert m["template"]["sum_ids"] == list(tpl.sum_ids) and m["prompts"]["n_special"] == 8
+    assert m["token_dtype"] == "uint16" and m["counts"]["examples"] == 3
+
+
+def test_bad_records_counted_by_reason(tmp_path):
+    good = RELEASED[0]
+    rows = [good, b"{not json\n", b'{"input": "caf\xe9", "output_summarize": "a", "output_predict": "b"}\n',
+            {"input": "x", "output_summarize": "y"}, {"input": 3, "output_summarize": "y", "output_predict": "z"},
+            b"[1, 2]\n", {"input": "   ", "output_summarize": "y", "output_predict": "z"},
+            b'{"input": "\\ud800", "output_summarize": "a", "output_predict": "b"}\n', b"\n", good]
+    s = run(tmp_path, write_jsonl(tmp_path / "bad.jsonl", rows), max_bad_fraction=1.0)
+    assert s["examples"] == 2 and s["records"] == 9 and s["blank_lines"] == 1
+    assert s["skipped"] == {"invalid_json": 1, "invalid_utf8": 2, "missing_field": 3, "empty_text": 1}
+
+
+def test_bad_fraction_stops_naming_file_and_line(tmp_path):
+    rows = [RELEASED[0]] * 30 + [b"{oops\n"] + [RELEASED[0]] * 10
+    path = write_jsonl(tmp_path / "some.jsonl", rows)
+    with pytest.raises(P.PrepareError, match=r"some\.jsonl:31: invalid_json; 1 of 41 records"):
+        run(tmp_path, path, max_bad_fraction=0.01)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert run(tmp_path, path, max_bad_fraction=0.05)["skipped"] == {"invalid_json": 1}
+
+
+def test_text_format_chunks(tmp_path, smol):
+    tok, tpl = smol
+    doc1 = ("Alpha is the first letter. Beta comes second in line! Gamma is third? Delta follows gamma. "
+            "Epsilon is fifth and last here.")
+    doc2 = "A single short sentence."
+    (tmp_path / "in").mkdir()
+    broken = doc1.replace("letter. Beta", "letter.\nBeta")  # a .txt document spans several lines
+    (tmp_path / "in" / "a.txt").write_text(f"{broken}\n\n\n{doc2}\n")
+    write_jsonl(tmp_path / "in" / "b.jsonl", [{"text": doc1}, {"text": ""}, {"no": 1}])
+    s = run(tmp_path, tmp_path / "in", fmt="text", chunk_tokens=12, max_bad_fraction=1.0)
+    assert s["documents"] == 3 and s["skipped"] == {"empty_text": 1, "missing_field": 1}
+    ds = ShardedDataset(tmp_path / "out")
+    exs = [ds.example(i) for i in range(len(ds))]
+    k = [tok.decode(e.text_ids) for e in exs].index(doc2)  # files in sorted order: a.txt, then b.jsonl
+    assert k >= 3 and len(exs) > k + 3 and s["no_next_chunk"] == 3 and exs[k].pred_targets.tolist() == []
+    for chunk in (exs[:k], exs[k + 1:]):
+        for e in chunk:
+            assert len(e.text_ids) <= 12
+            assert tok.decode(e.text_ids).rstrip()[-1] in ".!?"  # sentence-aligned
+        for a, b in zip(chunk, chunk[1:]):            # EBAR target = the next chunk
+            assert b.sum_targets.tolist() == a.pred_targets.tolist() != []
+        assert chunk[-1].pred_targets.tolist() == []  # the last chunk has no next one
+        assert chunk[0].sum_targets.tolist() == tpl.target_set(chunk[0].text_ids)
+    # the chunks of the jsonl document are exactly its tokenisation, cut
+    assert np.concatenate([e.text_ids for e in exs[k + 1:]]).tolist() == tok(doc1, add_special_tokens=False)["input_ids"]
+
+
+def test_remove_stopwords(tmp_path, smol):
+    tok, _ = smol
+    assert P.remove_stopwords("The cat, and THE dog; were not here!") == "cat dog"
+    row = {"input": "The cat and the dog.", "output_summarize": "The cat and the dog.", "output_predict": "Of it, the!"}
+    s = run(tmp_path, write_jsonl(tmp_path / "d.jsonl", [row]), remove_stopwords=True)
+    e = ShardedDataset(tmp_path / "out").example(0)
+    assert e.sum_targets.tolist() == tok("cat dog", add_special_tokens=False)["input_ids"]
+    assert e.pred_targets.tolist() == [] and s["empty_pred_targets"] == 1
+    assert e.text_ids.tolist() == tok("The cat and the dog.", add_special_tokens=False)["input_ids"]
+
+
+def test_split_sentences():
+    text = 'He said "Hi." Then left. e.g. this stays. U.S. troops! Next?  Yes\n\nNew para'
+    parts = [text[a:b] for a, b in P.split_sentences(text)]
+    assert parts == ['He said "Hi."', "Then left. e.g. this stays.", "U.S. troops!", "Next?", "Yes", "New para"]
+
+
+def test_cli_wiki_sample_parallel(tmp_path):
+    """The default corpus through the CLI, 2 worker processes; same shards as 1 worker."""
+    out = io.StringIO()
+    argv = ["--format", "wiki-sample", "--tokenizer", "smollm2-135m", "--max-len", "64", "--limit", "300",
+            "--no-progress"]
+    with redirect_stdout(out):
+        assert P.main(argv + ["--out", str(tmp_path / "w2"), "--workers", "2"]) == 0
+    s = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert s["records"] == 300 and s["documents"] == 300 and s["skipped"] == {}
+    assert s["examples"] >= 2 * 300 * 0.8               # chunk-tokens 48: most lead paragraphs give >= 2
+    one = run(tmp_path, None, fmt="wiki-sample", name="w1", max_len=64, limit=300)
+    assert one["examples"] == s["examples"]
+    for f in ("shard-00000.text.bin", "shard-00000.sum.bin", "shard-00000.pred.bin", "shard-00000.offsets.npy"):
+        assert (tmp_path / "w1" / f).read_bytes() == (tmp_path / "w2" / f).read_bytes()
+    with redirect_stdout(io.StringIO()):  # a refused run says why, exit code 2
+        assert P.main(argv + ["--out", str(tmp_path / "w2")]) == 2
+
+
+def test_sentencepiece_tokenizer_and_fingerprint_check(tmp_path, smol):
+    tok, _ = smol
+    path = write_jsonl(tmp_path / "d.jsonl", RELEASED[:1])
+    s = P.prepare(path, "llara-jsonl", str(sentencepiece_model_path()), 32, tmp_path / "sp", workers=1,
+                  progress=False)
+    ds = ShardedDataset(tmp_path / "sp")
+    sp = P._load_tokenizer(P.resolve_tokenizer(str(sentencepiece_model_path())))
+    assert s["examples"] == 1 and ds.manifest["tokenizer"]["vocab_size"] == 32016
+    assert ds.example(0).text_ids.tolist() == sp(RELEASED[0]["input"], add_special_tokens=False)["input_ids"][:32]
+    assert ds.manifest["template"]["prefix_ids"][0] == sp.bos_token_id  # LLaMA layout: BOS from the prefix
+    with pytest.raises(ValueError, match="prepare the data again"):
+        ds.check_tokenizer(tok)
+    with pytest.raises(P.PrepareError, match="neither a preset"):
+        P.prepare(path, "llara-jsonl", "no-such-model", 32, tmp_path / "x", workers=1, progress=False)
