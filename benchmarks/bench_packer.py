@@ -30,7 +30,7 @@ import torch
 
 from llara_fast.config import PEAK_BF16_TFLOPS, ModelArgs
 from llara_fast.data.loader import PackedLoader
-from llara_fast.data.packing import (NativePacker, examples_to_source, greedy_offsets, native_packer_available,
+from llara_fast.data.packing import (NativePacker, greedy_offsets, native_packer_available,
                                      pack_reference)
 from llara_fast.data.shards import ShardedDataset, ShardWriter, epoch_order, token_dtype_for, write_manifest
 from llara_fast.data.templates import Template

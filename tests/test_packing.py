@@ -10,7 +10,7 @@ import torch
 from conftest import random_examples, toy_template
 import llara_fast
 from llara_fast.data import packing
-from llara_fast.data.packing import (Example, NativePacker, examples_to_source, example_num_tokens, greedy_groups,
+from llara_fast.data.packing import (NativePacker, examples_to_source, example_num_tokens, greedy_groups,
                                      greedy_offsets, pack, pack_greedy, pack_greedy_reference, pack_reference)
 
 needs_native = pytest.mark.skipif(not packing.native_packer_available(), reason="llara_fast._C is not built")

