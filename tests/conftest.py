@@ -67,7 +67,7 @@ def hf_reference_model(model):
 
     cfg = LlamaConfig(**{k: v for k, v in model.args.to_hf_config().items() if k != "architectures"})
     cfg._attn_implementation = "eager"
-    ref = LlamaModel(cfg)
+    ref = LlamaModel(cfg).to(model.tok_embeddings.weight.dtype)
     sd = {k.removeprefix("model."): v for k, v in ours_to_hf(model.state_dict()).items() if k != "lm_head.weight"}
     ref.load_state_dict(sd, strict=True)
     return ref.eval()
