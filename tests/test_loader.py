@@ -105,3 +105,27 @@ def test_stream_and_loader_agree(data):
     got = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, seed=2, epochs=1))
     for a, b in zip(pack_greedy_reference(exs, tpl, MAX_LEN, BUDGET), got):
         assert_same_batch(a, b)
+
+
+def test_microbatch_sharding_is_world_size_independent(data):
+    """dp_rank/dp_world deal micro-batches: ranks 0 and 1 interleaved give exactly the
+    single-rank stream, and each rank resumes exactly from its own position."""
+    ds, exs = data
+    tpl = toy_template(300)
+    kw = dict(seed=2, epochs=2, prefetch=2, groups_per_call=2)
+    single = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, **kw))
+    r0 = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=0, dp_world=2, **kw))
+    r1 = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=1, dp_world=2, **kw))
+    assert len(r0) + len(r1) == len(single)
+    for i, b in enumerate(single):
+        assert_same_batch(b, (r0 if i % 2 == 0 else r1)[i // 2])
+    a = PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=1, dp_world=2, **kw)
+    head = [next(a) for _ in range(3)]
+    state = a.state_dict()
+    a.close()
+    b = PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=1, dp_world=2, **kw)
+    b.load_state_dict(state)
+    for x, y in zip(head + list(b), r1):
+        assert_same_batch(x, y)
+    with pytest.raises(ValueError, match="dp_world"):
+        PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=0, dp_world=3, **kw).load_state_dict(state)

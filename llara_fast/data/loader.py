@@ -10,6 +10,13 @@ finds the next batch ready while the GPU runs the current step.
 Position: ``state_dict()`` is the position right after the last batch *handed to the
 trainer* (not the producer's prefetch position). Greedy grouping restarts at that point
 exactly as in an uninterrupted run, so a loader restored from it yields the same batches.
+
+Data parallelism, two ways:
+- ``rank``/``world_size`` deal *examples* round-robin (each rank packs its own share);
+- ``dp_rank``/``dp_world`` deal *micro-batches*: every rank walks the same global order and
+  the same greedy grouping, and takes groups dp_rank, dp_rank + dp_world, ... So the global
+  batch of a step (dp_world ranks × accumulation micro-batches) is the same micro-batches
+  whatever the number of ranks — what the trainer uses, so that 1 and N processes train alike.
 """
 from __future__ import annotations
 
@@ -43,7 +50,7 @@ class PackedLoader:
     def __init__(self, dataset: ShardedDataset, template: Template, max_len: int, token_budget: int, *,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  epochs: int | None = None, prefetch: int = 4, groups_per_call: int = 4, n_threads: int = 0,
-                 pin_memory: bool | None = None, native: bool | None = None):
+                 pin_memory: bool | None = None, native: bool | None = None, dp_rank: int = 0, dp_world: int = 1):
         if max_len > dataset.max_len:
             raise ValueError(f"max_len {max_len} exceeds the max_len {dataset.max_len} the data was prepared "
                              "with (passages were already cut there); prepare again or lower max_len")
@@ -51,6 +58,10 @@ class PackedLoader:
             raise ValueError("prefetch and groups_per_call must be >= 1")
         self.dataset, self.template, self.max_len, self.token_budget = dataset, template, max_len, token_budget
         self.prefetch, self.groups_per_call = prefetch, groups_per_call
+        if not 0 <= dp_rank < dp_world:
+            raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_world - 1}")
+        self.dp_rank, self.dp_world = dp_rank, dp_world
+        self._group = 0  # global index of the next micro-batch (group) in the stream
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._stream = ExampleStream(dataset, seed, rank, world_size, shuffle, epochs)  # order + position
         self._native = _use_native(native)
@@ -82,8 +93,9 @@ class PackedLoader:
         if isinstance(item, _Failed):
             self._join()
             raise item.exc
-        batch, (epoch, position) = item
+        batch, (epoch, position), group = item
         self._stream.epoch, self._stream.position = epoch, position
+        self._group = group
         self.batches += 1
         self.examples += batch.num_examples
         return batch
@@ -91,13 +103,16 @@ class PackedLoader:
     def state_dict(self) -> dict:
         """Position after the last batch handed out, plus what it is only valid for."""
         sd = self._stream.state_dict()
-        sd.update(token_budget=self.token_budget, max_len=self.max_len)
+        sd.update(token_budget=self.token_budget, max_len=self.max_len, group=self._group,
+                  dp_rank=self.dp_rank, dp_world=self.dp_world)
         return sd
 
     def load_state_dict(self, state: dict) -> None:
-        check_resume_state(state, {"token_budget": self.token_budget, "max_len": self.max_len})
+        check_resume_state(state, {"token_budget": self.token_budget, "max_len": self.max_len,
+                                   "dp_rank": self.dp_rank, "dp_world": self.dp_world})
         self.close()
         self._stream.load_state_dict(state)
+        self._group = int(state.get("group", 0))
 
     def close(self) -> None:
         """Stop the producer (a later __next__ restarts it from the current position)."""
@@ -121,7 +136,7 @@ class PackedLoader:
     def _start(self):
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.prefetch)
-        start = (self._stream.epoch, self._stream.position)
+        start = (self._stream.epoch, self._stream.position, self._group)
         self._thread = threading.Thread(target=self._produce, args=start, name="llara-packer", daemon=True)
         self._thread.start()
 
@@ -143,7 +158,7 @@ class PackedLoader:
                 pass
         return False
 
-    def _produce(self, epoch: int, pos: int) -> None:
+    def _produce(self, epoch: int, pos: int, group: int) -> None:
         try:
             stream = self._stream
             while not self._stop.is_set():
@@ -160,11 +175,17 @@ class PackedLoader:
                         self._window *= 2
                         continue
                     offs = offs[:-1]
-                for g, batch in enumerate(self._pack(window[:offs[-1]], offs)):
-                    if self.pin_memory:
-                        batch = batch.pin_memory()
-                    if not self._put((batch, stream.advance(epoch, pos + int(offs[g + 1])))):
-                        return
+                mine = [g for g in range(len(offs) - 1) if (group + g) % self.dp_world == self.dp_rank]
+                if mine:
+                    sel = np.concatenate([window[offs[g]:offs[g + 1]] for g in mine])
+                    sizes = np.array([offs[g + 1] - offs[g] for g in mine], dtype=np.int64)
+                    sel_offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+                    for g, batch in zip(mine, self._pack(sel, sel_offs)):
+                        if self.pin_memory:
+                            batch = batch.pin_memory()
+                        if not self._put((batch, stream.advance(epoch, pos + int(offs[g + 1])), group + g + 1)):
+                            return
+                group += len(offs) - 1
                 epoch, pos = stream.advance(epoch, pos + int(offs[-1]))
         except BaseException as e:  # handed to the trainer's thread
             self._put(_Failed(e))
