@@ -127,5 +127,5 @@ def test_microbatch_sharding_is_world_size_independent(data):
     b.load_state_dict(state)
     for x, y in zip(head + list(b), r1):
         assert_same_batch(x, y)
-    with pytest.raises(ValueError, match="dp_world"):
-        PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=0, dp_world=3, **kw).load_state_dict(state)
+    with pytest.raises(ValueError, match="dp_world=2, this run has 3"):
+        PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=1, dp_world=3, **kw).load_state_dict(state)
