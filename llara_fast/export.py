@@ -1,0 +1,266 @@
+"""Drop-in HF export (DESIGN §2 "export (HF dir)").
+
+    python -m llara_fast.export --checkpoint SRC --out DIR [--dtype fp32|bf16] [--max-shard-size 5GB]
+
+SRC is a preset (``smollm2-135m``), an HF LLaMA directory, a ``.gguf`` file, or (once the
+trainer writes them) a training checkpoint. DIR becomes a standard HF directory that
+``transformers.AutoModel``, ``AutoModelForCausalLM`` and ``AutoTokenizer`` load with no
+custom code: config.json, model.safetensors (sharded with an index when larger than
+--max-shard-size), tokenizer files holding <s1>..<s16>, generation_config.json, a README
+model card with the encode recipe (DESIGN §1 "Encoder use"), and ``llara_fast.json`` (the
+prompt strings, so ``Encoder.from_pretrained(DIR)`` encodes with the prompts the model was
+trained with).
+
+Choices: the tokenizer is saved with ``padding_side="left"`` (the released LLaRA encode code
+pools the last 8 positions of a padded batch, which is only right under left padding) and,
+when it has no pad token, with ``pad_token = eos_token``. The directory is written next to
+DIR and moved into place when complete; an existing non-empty DIR is refused unless
+``--overwrite``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from llara_fast.data.templates import PromptConfig, Template
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+META_FILE = "llara_fast.json"
+
+
+# ---- sources ---------------------------------------------------------------------------------
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """A torch.distributed.checkpoint directory (what llara_fast.pretrain will write) holds a
+    ``.metadata`` file and no config.json."""
+    p = Path(path)
+    return p.is_dir() and (p / ".metadata").is_file() and not (p / "config.json").is_file()
+
+
+def load_training_checkpoint(path: str | os.PathLike, attn_backend: str = "auto"):
+    """(model, tokenizer, prompts) from a trainer checkpoint RUN/checkpoints/step_N.
+
+    Hook for llara_fast.pretrain: its DCP checkpoint layout (model state-dict keys, where the
+    ModelArgs, tokenizer and PromptConfig are recorded) is not written yet, so this cannot be
+    implemented against it. Until then, pass an HF directory or a preset."""
+    raise NotImplementedError(
+        f"{path}: looks like a torch.distributed.checkpoint directory from the trainer; loading those "
+        "needs llara_fast.pretrain's checkpoint layout, which does not exist yet. Export from an HF "
+        "directory, a .gguf file or a preset instead (llara_fast.export.load_training_checkpoint is "
+        "the hook to fill in).")
+
+
+def read_prompts(path: str | os.PathLike) -> PromptConfig | None:
+    """The prompts recorded in an export's llara_fast.json, or None when there is none."""
+    fp = Path(path) / META_FILE
+    if not fp.is_file():
+        return None
+    with open(fp) as f:
+        meta = json.load(f)
+    return PromptConfig(**meta["prompts"])
+
+
+def load_source(spec: str, attn_backend: str = "auto"):
+    """(model, tokenizer, prompts) for a preset, HF directory, .gguf file or training checkpoint;
+    the tokenizer holds <s1>..<s16> and the embedding has their rows."""
+    from llara_fast.hf import load_model
+
+    if is_training_checkpoint(spec):
+        return load_training_checkpoint(spec, attn_backend)
+    model, tok = load_model(spec, attn_backend=attn_backend)
+    prompts = (read_prompts(spec) if Path(spec).is_dir() else None) or PromptConfig()
+    return model, tok, prompts
+
+
+# ---- the export ------------------------------------------------------------------------------
+def parse_size(s: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", s, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read size {s!r} (e.g. 5GB, 500MB, 2GiB, 1000000)")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    return int(float(m.group(1)) * base ** power)
+
+
+def export(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+           prompts: PromptConfig = PromptConfig(), max_shard_bytes: int = 5 * 10**9,
+           source: str | None = None, source_dir: str | os.PathLike | None = None,
+           overwrite: bool = False) -> Path:
+    """Write ``model`` + ``tokenizer`` as a standard HF directory with a model card."""
+    from transformers import GenerationConfig
+
+    from llara_fast.hf import save_hf_dir
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    template = Template.from_tokenizer(tokenizer, prompts)  # fails early if <s1>..<s16> are missing
+    if len(tokenizer) > model.args.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.args.vocab_size} "
+                         "embedding rows")
+    tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its settings
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf_dir(model, tmp, tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = cfg.get("torch_dtype")  # the key transformers >= 5 reads; torch_dtype for older releases
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    gen = None
+    if source_dir is not None and (Path(source_dir) / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(str(source_dir))  # keep the source's sampling settings
+    gen = gen or GenerationConfig()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        val = getattr(tokenizer, name, None)
+        if val is not None and getattr(gen, name, None) is None:
+            setattr(gen, name, val)
+    gen.save_pretrained(str(tmp))
+    meta = {"prompts": dataclasses.asdict(prompts), "source": source, "dtype": str(dtype).replace("torch.", ""),
+            "prefix_ids": list(template.prefix_ids), "sum_ids": list(template.sum_ids),
+            "pred_ids": list(template.pred_ids)}
+    with open(tmp / META_FILE, "w") as f:
+        json.dump(meta, f, indent=2)
+    (tmp / "README.md").write_text(model_card(tokenizer, template, prompts, source, dtype))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def model_card(tokenizer, template: Template, prompts: PromptConfig, source: str | None,
+               dtype: torch.dtype) -> str:
+    """README.md: what the model is and the encode recipe that reproduces llara_fast's embeddings."""
+    K = prompts.n_special
+    sum_suffix, pred_suffix = prompts.sum_string(), prompts.pred_string()
+    with_specials = tokenizer(sum_suffix)["input_ids"]
+    bos_first = len(with_specials) == len(template.sum_ids) + 1 and with_specials[1:] == list(template.sum_ids)
+    if bos_first:
+        compat = ("This tokenizer prepends a BOS token, so the encode code of the released LLaRA checkpoints "
+                  "(BAAI/LLARA-*), which drops it with `tokenizer(suffix)['input_ids'][1:]`, works unchanged.")
+    else:
+        compat = ("This tokenizer prepends no BOS token, so the released LLaRA encode code's "
+                  "`tokenizer(suffix)['input_ids'][1:]` would drop a real token of the prompt: tokenise the "
+                  "suffix with `add_special_tokens=False` as below (for a LLaMA-2 tokenizer both forms are "
+                  "the same).")
+    return f"""---
+library_name: transformers
+pipeline_tag: feature-extraction
+tags:
+- llara
+- dense-retrieval
+- sentence-similarity
+---
+
+# LLaRA encoder exported by llara_fast
+
+A LLaMA-architecture model adapted into a dense retriever with LLaRA (EBAE + EBAR,
+arXiv 2312.15503), exported by `python -m llara_fast.export`{f" from `{source}`" if source else ""}
+(weights stored as {str(dtype).replace("torch.", "")}). It loads with plain `transformers`
+(`AutoModel`, `AutoModelForCausalLM`, `AutoTokenizer`), no custom code. The tokenizer holds the
+16 LLaRA tokens `<s1>`..`<s16>` (ids {tokenizer.convert_tokens_to_ids("<s1>")}..{tokenizer.convert_tokens_to_ids("<s16>")})
+and pads on the left.
+
+## Encoding
+
+- passage: `{prompts.prefix}` + passage + `{sum_suffix}`; embedding = mean of the last hidden
+  states (after the final norm) at `{prompts.sum_tokens[0]}`..`{prompts.sum_tokens[-1]}`, L2-normalised.
+- query: `{prompts.prefix}` + query + `{pred_suffix}`; mean over `{prompts.pred_tokens[0]}`..`{prompts.pred_tokens[-1]}`, L2-normalised.
+- the prefix is tokenised with the tokenizer's own special tokens, the text (truncated to
+  512 tokens) and the suffix without. Score = inner product.
+
+{compat}
+
+```python
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+PREFIX = {prompts.prefix!r}
+PASSAGE_SUFFIX = {sum_suffix!r}
+QUERY_SUFFIX = {pred_suffix!r}
+K = {K}  # special tokens that end each suffix
+
+
+def get_inputs(texts, suffix, tokenizer, max_length=512):
+    prefix_ids = tokenizer(PREFIX)["input_ids"]
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    batch = []
+    for text in texts:
+        ids = tokenizer(text, max_length=max_length, truncation=True, add_special_tokens=False)["input_ids"]
+        ids = prefix_ids + ids + suffix_ids
+        batch.append({{"input_ids": ids, "attention_mask": [1] * len(ids)}})
+    return tokenizer.pad(batch, padding=True, pad_to_multiple_of=8, return_tensors="pt")  # left padding
+
+
+@torch.no_grad()
+def encode(texts, suffix, model, tokenizer):
+    inputs = get_inputs(texts, suffix, tokenizer)
+    hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]  # (B, L, d), final-normed
+    return F.normalize(hidden[:, -K:, :].float().mean(1), dim=-1)  # the K special tokens end the row
+
+
+tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")
+model = AutoModel.from_pretrained("THIS_DIR", dtype=torch.float32).eval()
+q = encode(["What is a llama?"], QUERY_SUFFIX, model, tokenizer)
+p = encode(["The llama is a domesticated South American camelid."], PASSAGE_SUFFIX, model, tokenizer)
+print(q @ p.T)
+```
+
+The same embeddings from llara_fast (packed, unpadded):
+
+```python
+from llara_fast.encode import Encoder
+enc = Encoder.from_pretrained("THIS_DIR")
+p = enc.encode_passages(["The llama is a domesticated South American camelid."])
+q = enc.encode_queries(["What is a llama?"])
+```
+
+`llara_fast.json` records the prompt strings and their token ids.
+"""
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True,
+                    help="preset, HF directory, .gguf file (training checkpoints: not yet, see load_training_checkpoint)")
+    ap.add_argument("--out", required=True, help="output HF directory")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        model, tok, prompts = load_source(args.checkpoint, attn_backend="sdpa")
+        from llara_fast.hf import resolve_source
+
+        src_dir = resolve_source(args.checkpoint) if not is_training_checkpoint(args.checkpoint) else None
+        out = export(model, tok, args.out, DTYPES[args.dtype], prompts, parse_size(args.max_shard_size),
+                     source=args.checkpoint, source_dir=src_dir, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    files = sorted(p.name for p in out.iterdir())
+    size = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
+    print(f"exported {args.checkpoint} -> {out} ({args.dtype}, {size / 1e6:.1f} MB of weights): {', '.join(files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

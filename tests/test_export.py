@@ -1,0 +1,148 @@
+"""HF export: layout, untrained-export equality, dtypes and shards, the model card's encode
+recipe through plain transformers against llara_fast's packed encoder, the checkpoint hook."""
+import json
+import re
+
+import pytest
+import torch
+
+from llara_fast.config import ModelArgs
+from llara_fast.data.templates import SPECIAL_TOKENS
+from llara_fast.encode import Encoder
+from llara_fast.export import export, load_training_checkpoint, main, parse_size
+from llara_fast.hf import load_tokenizer, read_safetensors, resolve_source, save_hf_dir
+from llara_fast.model import Transformer
+
+TEXTS = ["The llama is a domesticated South American camelid, widely used as a meat and pack animal.",
+         "Paris is the capital of France.",
+         "Dense retrieval encodes queries and passages into vectors; nearest neighbours are found by inner "
+         "product. Large language models can be adapted into such encoders " * 3,
+         ""]
+QUERIES = ["What is a llama?", "capital of France", "how does dense retrieval work"]
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer():
+    """SmolLM2's tokenizer as shipped: no <s1>..<s16>."""
+    return load_tokenizer(resolve_source("smollm2-135m"))
+
+
+def _tiny_source(tmp_path, tok, tie=False):
+    """An HF directory of a tiny random LLaMA over the SmolLM2 vocabulary (no LLaRA tokens yet)."""
+    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=len(tok), ffn_hidden=48,
+                              rope_theta=100000.0, tie_embeddings=tie))
+    m.init_weights(seed=5)
+    src = tmp_path / "src"
+    save_hf_dir(m, src, tok)
+    return src
+
+
+# ---- the card's recipe, written out independently (mirrors README.md of the export) ------------
+def card_encode(texts, kind, model, tokenizer, max_length=512):
+    prefix = '"'
+    suffix = ('", summarize the above passage within eight words: <s1><s2><s3><s4><s5><s6><s7><s8>'
+              if kind == "passage" else
+              '", predict the following passage within eight words: <s9><s10><s11><s12><s13><s14><s15><s16>')
+    prefix_ids = tokenizer(prefix)["input_ids"]
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    rows = []
+    for t in texts:
+        ids = prefix_ids + tokenizer(t, max_length=max_length, truncation=True, add_special_tokens=False)["input_ids"] \
+            + suffix_ids
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    inputs = tokenizer.pad(rows, padding=True, pad_to_multiple_of=8, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]  # (B, L, d)
+    return torch.nn.functional.normalize(hidden[:, -8:, :].float().mean(1), dim=-1)
+
+
+def test_untrained_export_is_source_plus_16_rows(tmp_path, base_tokenizer):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    src = _tiny_source(tmp_path, base_tokenizer)
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(src), "--out", str(out)]) == 0
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "generation_config.json", "README.md", "llara_fast.json"):
+        assert (out / f).is_file(), f
+    a, b = read_safetensors(src), read_safetensors(out)
+    assert set(a) == set(b)
+    V = len(base_tokenizer)
+    for k in a:
+        if k in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert b[k].shape == (V + 16, a[k].shape[1])
+            torch.testing.assert_close(b[k][:V], a[k], rtol=0, atol=0)
+            torch.testing.assert_close(b[k][V:], a[k].mean(0, keepdim=True).expand(16, -1))
+        else:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(V, V + 16))
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    lm = AutoModelForCausalLM.from_pretrained(out)
+    assert lm.dtype == torch.float32 and lm.config.vocab_size == V + 16
+    torch.testing.assert_close(lm.lm_head.weight, b["lm_head.weight"], rtol=0, atol=0)
+    assert type(AutoModel.from_pretrained(out)).__name__ == "LlamaModel"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+    meta = json.loads((out / "llara_fast.json").read_text())
+    assert meta["prompts"]["n_special"] == 8 and meta["sum_ids"][-8:] == list(range(V, V + 8))
+    card = (out / "README.md").read_text()
+    assert "add_special_tokens=False" in card and "would drop a real token" in card
+
+
+def test_export_bf16_sharded_tied(tmp_path, base_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    src = _tiny_source(tmp_path, base_tokenizer, tie=True)
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(src), "--out", str(out), "--dtype", "bf16", "--max-shard-size", "1MB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert "lm_head.weight" not in index["weight_map"]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    lm = AutoModelForCausalLM.from_pretrained(out)
+    assert lm.dtype == torch.bfloat16
+    src_w = read_safetensors(src)["model.layers.1.mlp.up_proj.weight"]
+    torch.testing.assert_close(lm.model.layers[1].mlp.up_proj.weight, src_w.bfloat16(), rtol=0, atol=0)
+    assert lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()
+
+
+def test_export_errors(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep me")
+    assert main(["--checkpoint", "debug", "--out", str(tmp_path / "out")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "out" / "x").read_text() == "keep me"
+    ckpt = tmp_path / "step_10"
+    ckpt.mkdir()
+    (ckpt / ".metadata").write_bytes(b"")
+    with pytest.raises(NotImplementedError, match="pretrain"):
+        load_training_checkpoint(ckpt)
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o2")]) == 2
+    assert "load_training_checkpoint" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o3")]) == 2
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1000") == 1000
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_card_recipe_roundtrip_smollm2(tmp_path, smollm2):
+    """The acceptance check: plain transformers on the export, with the card's recipe, gives
+    llara_fast's embeddings (fp32, max abs <= 1e-5), for passages and queries, in padded batches."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model, tok, _ = smollm2
+    out = export(model, tok, tmp_path / "exp", torch.float32, source="smollm2-135m")
+    hf = AutoModel.from_pretrained(out, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    enc = Encoder(model, tok, device="cpu")
+    for kind, texts in (("passage", TEXTS), ("query", QUERIES)):
+        ours = enc.encode(texts, kind)
+        theirs = card_encode(texts, kind, hf, hf_tok)
+        assert (ours - theirs).abs().max().item() <= 1e-5, kind
+    # The card's own code block, executed as written (THIS_DIR pointed at the export).
+    card = (out / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("THIS_DIR", str(out))
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    got = ns["encode"](TEXTS, ns["PASSAGE_SUFFIX"], hf, hf_tok)
+    assert (got - enc.encode_passages(TEXTS)).abs().max().item() <= 1e-5
