@@ -1,0 +1,173 @@
+"""Retrieval evaluation: metrics against hand-computed values, BEIR loading of bad input,
+exact search, and the CLI end to end on a tiny dataset and a tiny model."""
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llara_fast.evaluate import (evaluate_run, load_beir, main, mrr_at_k, ndcg_at_k, rank, recall_at_k,
+                                 search, to_run)
+
+SCIFACT = Path(os.environ.get("LLARA_FAST_SCIFACT", "/work/shared/data/beir/scifact"))
+L2, L3, L4, L5 = (math.log2(n) for n in (2, 3, 4, 5))
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+def test_graded_relevance_by_hand():
+    rels = {"d1": 2, "d2": 1, "d3": 0}
+    run = {"d3": 0.9, "d1": 0.8, "d4": 0.7, "d2": 0.6}
+    r = rank(run)
+    assert r == ["d3", "d1", "d4", "d2"]
+    # DCG = 0/log2(2) + 2/log2(3) + 0/log2(4) + 1/log2(5); ideal = 2/log2(2) + 1/log2(3)
+    assert ndcg_at_k(r, rels, 10) == pytest.approx((2 / L3 + 1 / L5) / (2 / L2 + 1 / L3))
+    assert ndcg_at_k(r, rels, 10) == pytest.approx(1.692536 / 2.630930, abs=1e-6)  # = 0.643322
+    assert ndcg_at_k(r, rels, 2) == pytest.approx((2 / L3) / (2 + 1 / L3))  # cut at 2: d2 not reached
+    assert mrr_at_k(r, rels, 10) == 0.5
+    assert mrr_at_k(r, rels, 1) == 0.0
+    assert recall_at_k(r, rels, 100) == 1.0
+    assert recall_at_k(r, rels, 2) == 0.5
+    # Negative judgements count as not relevant, with gain 0.
+    assert ndcg_at_k(["x", "d1"], {"x": -1, "d1": 1}, 10) == pytest.approx(1 / L3)
+    assert recall_at_k(["x"], {"x": -1, "d1": 1}, 10) == 0.0
+
+
+def test_ties_break_by_doc_id():
+    rels = {"b": 1}
+    for order in (["a", "b", "c"], ["c", "b", "a"], ["b", "c", "a"]):
+        run = {d: 0.5 for d in order}
+        r = rank(run)
+        assert r == ["a", "b", "c"]
+        assert mrr_at_k(r, rels, 10) == 0.5
+        assert ndcg_at_k(r, rels, 10) == pytest.approx(1 / L3)
+    assert rank({"z": 1.0, "a": 0.5, "m": 1.0}) == ["m", "z", "a"]
+    assert rank({"10": 1.0, "9": 1.0}) == ["10", "9"]  # string order, documented
+
+
+def test_evaluate_run_skips_and_counts():
+    qrels = {
+        "q1": {"d1": 2, "d2": 1, "d3": 0},  # as in test_graded_relevance_by_hand
+        "q2": {"d5": 1, "gone": 1},           # one relevant doc never retrieved (e.g. absent from corpus)
+        "q3": {"d1": 0},                      # no relevant document: skipped
+        "q4": {"d2": 1},                      # not in the run: skipped
+    }
+    run = {
+        "q1": {"d3": 0.9, "d1": 0.8, "d4": 0.7, "d2": 0.6},
+        "q2": {**{f"x{i:03d}": 1.0 - i / 1000 for i in range(12)}, "d5": 0.5},  # d5 at rank 13
+        "q3": {"d1": 1.0},
+        "q9": {"d1": 1.0},                    # no judgements: ignored
+    }
+    ev = evaluate_run(qrels, run)
+    assert set(ev.per_query) == {"q1", "q2"} and ev.n_queries == 2
+    assert dict(ev.counts) == {"queries_no_relevant": 1, "queries_missing_from_run": 1,
+                               "run_queries_without_qrels": 1}
+    q2 = ev.per_query["q2"]
+    assert q2 == {"ndcg@10": 0.0, "mrr@10": 0.0, "recall@100": 0.5}
+    q1_ndcg = (2 / L3 + 1 / L5) / (2 + 1 / L3)
+    assert ev.means["ndcg@10"] == pytest.approx(q1_ndcg / 2)
+    assert ev.means["mrr@10"] == pytest.approx(0.25)
+    assert ev.means["recall@100"] == pytest.approx(0.75)
+    assert math.isnan(evaluate_run({"q": {"d": 0}}, {"q": {"d": 1.0}}).means["ndcg@10"])
+
+
+def test_search_exact_and_to_run():
+    rng = np.random.default_rng(0)
+    docs = rng.standard_normal((50, 16)).astype(np.float32)
+    qs = rng.standard_normal((7, 16)).astype(np.float32)
+    s_np, i_np = search(docs, qs, 20, "numpy")
+    s_f, i_f = search(docs, qs, 20, "faiss")
+    np.testing.assert_array_equal(i_f, i_np)
+    np.testing.assert_allclose(s_f, s_np, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s_np[:, 0], (qs @ docs.T).max(1), rtol=1e-6)
+    s, i = search(docs[:5], qs, 100, "faiss")  # k capped at the corpus size
+    assert i.shape == (7, 5)
+    run = to_run([f"q{j}" for j in range(7)], [f"d{j}" for j in range(5)], s, i)
+    assert len(run["q0"]) == 5
+
+
+# ---- BEIR loading -------------------------------------------------------------------------------
+def _write_beir(root: Path, crlf=True):
+    nl = "\r\n" if crlf else "\n"
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = [
+        {"_id": "d1", "title": "Llamas", "text": "The llama is a domesticated camelid from South America."},
+        {"_id": "d2", "title": "", "text": "Paris is the capital and largest city of France."},
+        {"_id": "d3", "title": "Alpaca", "text": ""},                        # title only
+        {"_id": "d4", "title": "", "text": "   "},                             # no text: left out
+        {"_id": 5, "title": "Rome", "text": "Rome is the capital of Italy."},  # integer id
+        {"_id": "d1", "title": "dup", "text": "duplicate"},
+    ]
+    lines = [json.dumps(d) for d in corpus] + ["{not json", json.dumps({"title": "no id"})]
+    (root / "corpus.jsonl").write_text(nl.join(lines) + nl)
+    queries = [{"_id": "q1", "text": "what is a llama"}, {"_id": "q2", "text": "capital of France"},
+               {"_id": "q3", "text": "capital of Italy"}, {"_id": "q4", "text": "   "},
+               {"_id": "q5", "text": "only zero judgements"}, {"_id": "q6", "text": "not judged in this split"}]
+    (root / "queries.jsonl").write_text(nl.join(json.dumps(q) for q in queries) + nl)
+    (root / "qrels").mkdir(exist_ok=True)
+    qrels = ["query-id\tcorpus-id\tscore", "q1\td1\t2", "q1\td3\t1", "q2\td2\t1", "q3\t5\t1", "q3\tmissing\t1",
+             "q4\td1\t1", "q5\td1\t0", "q7\td2\t1", "bad line", "q2\td1\tx"]
+    (root / "qrels" / "test.tsv").write_text(nl.join(qrels) + nl)
+    (root / "qrels" / "train.tsv").write_text("q1 0 d1 1\n")  # 4-column TREC qrels, no header
+    return root
+
+
+def test_load_beir_bad_input(tmp_path):
+    data = load_beir(_write_beir(tmp_path / "ds"))
+    assert data.doc_ids == ["d1", "d2", "d3", "5"]
+    assert data.doc_texts[0] == "Llamas The llama is a domesticated camelid from South America."
+    assert data.doc_texts[1] == "Paris is the capital and largest city of France."
+    assert data.doc_texts[2] == "Alpaca"
+    assert data.query_ids == ["q1", "q2", "q3"]
+    assert data.qrels["q1"] == {"d1": 2, "d3": 1} and data.qrels["q3"] == {"5": 1, "missing": 1}
+    assert dict(data.counts) == {
+        "corpus_bad_line": 2, "corpus_duplicate_id": 1, "corpus_no_text": 1, "corpus_title_only": 1,
+        "queries_empty_text": 1, "queries_not_in_split": 1, "qrels_header": 1, "qrels_bad_line": 2,
+        "qrels_unknown_query": 2, "qrels_unknown_doc": 1, "queries_no_relevant": 1}
+    assert any("duplicate" in p for p in data.problems())
+    assert load_beir(tmp_path / "ds", "train").qrels == {"q1": {"d1": 1}}
+    with pytest.raises(FileNotFoundError, match=r"no qrels for split 'dev'; available splits: test, train"):
+        load_beir(tmp_path / "ds", "dev")
+    (tmp_path / "ds" / "queries.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="queries.jsonl: missing"):
+        load_beir(tmp_path / "ds")
+    with pytest.raises(FileNotFoundError, match="no such BEIR dataset"):
+        load_beir(tmp_path / "nothing")
+
+
+@pytest.mark.skipif(not (SCIFACT / "corpus.jsonl").is_file(), reason=f"SciFact not at {SCIFACT}")
+def test_load_scifact():
+    data = load_beir(SCIFACT, "test")
+    assert len(data.doc_ids) == 5183 and len(data.query_ids) == 300
+    assert sum(len(v) for v in data.qrels.values()) == 339
+    assert not {k: v for k, v in data.counts.items() if k not in ("qrels_header", "queries_not_in_split")}
+    with pytest.raises(FileNotFoundError, match="available splits: test, train"):
+        load_beir(SCIFACT, "dev")
+
+
+# ---- CLI end to end -----------------------------------------------------------------------------
+def test_cli_end_to_end(tmp_path, capsys):
+    from llara_fast.export import main as export_main
+
+    ds = _write_beir(tmp_path / "ds", crlf=False)
+    assert export_main(["--checkpoint", "debug", "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "res.json"
+    rc = main(["--model", str(tmp_path / "m"), "--beir", str(ds), "--out", str(out), "--quiet",
+               "--run-file", str(tmp_path / "run.trec"), "--hf-baseline", "3", "--attn", "sdpa"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert res == json.loads(out.read_text())
+    assert res["queries"] == 3 and res["documents"] == 4
+    for m in ("ndcg@10", "mrr@10", "recall@100"):
+        assert 0.0 <= res[m] <= 1.0
+    assert res["counts"]["corpus_no_text"] == 1 and res["counts"]["qrels_unknown_query"] == 2
+    assert any(ln.startswith("nDCG@10") for ln in lines) and any("note:" in ln for ln in lines)
+    assert res["hf_baseline"]["max_abs_diff_vs_ours"] <= 1e-5
+    assert res["timing"]["passage_tokens_per_s"] > 0
+    run = (tmp_path / "run.trec").read_text().splitlines()
+    assert len(run) == 3 * 4 and run[0].split()[:4] == ["q1", "Q0", run[0].split()[2], "1"]
+    assert main(["--model", "debug", "--beir", str(ds), "--split", "dev"]) == 2
+    assert "available splits" in capsys.readouterr().err
