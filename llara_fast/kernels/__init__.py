@@ -12,3 +12,12 @@ def use_triton(device: torch.device, impl: str) -> bool:
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     return impl == "triton" or (impl == "auto" and device.type == "cuda")
+
+
+def accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc fp32: in place when the inputs are fp32 (no (V, d) temporary),
+    else one temporary in the inputs' dtype, added into acc without a further fp32 copy."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(a @ b)

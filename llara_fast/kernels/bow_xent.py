@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llara_fast.kernels import use_triton
+from llara_fast.kernels import accumulate_mm_, use_triton
 
 _NEG = -1.0e30  # a finite -inf for running maxima (keeps exp() free of inf - inf)
 
@@ -120,7 +120,7 @@ def target_weights(offsets: torch.Tensor, ids: torch.Tensor, vocab: int):
     return seg, weight, count
 
 
-def _bow_fwd_torch(hidden, weight, z, arg, pooling, budget_bytes: int = 256 * 2**20):
+def _bow_fwd_torch(hidden, weight, z, arg, pooling, budget_bytes: int = 32 * 2**20):
     """The forward tile pass in plain PyTorch, chunked over examples (CPU path)."""
     E, K, _ = hidden.shape
     V = weight.shape[0]
@@ -192,12 +192,12 @@ def bow_xent_backward(grad_loss, hidden, weight, ids, saved, pooling: str = "max
         for k in range(K):
             dzk = torch.where(arg == k, dz, 0.0).to(dt)  # (E, V) routed to row k
             grad_h[:, k] = dzk @ weight  # (E, d)
-            grad_w += (dzk.t() @ hidden[:, k]).float()  # (V, d)
+            accumulate_mm_(grad_w, dzk.t(), hidden[:, k])  # (V, d)
     else:
         dzm = (dz / K).to(dt)  # (E, V)
         grad_h = (dzm @ weight)[:, None, :].expand(E, K, -1).contiguous()  # (E, K, d)
-        grad_w += (dzm.t() @ hidden.sum(1)).float()  # (V, d)
-    return grad_h, grad_w.to(weight.dtype)
+        accumulate_mm_(grad_w, dzm.t(), hidden.sum(1))  # (V, d)
+    return grad_h, grad_w.to(weight.dtype)  # no copy when fp32
 
 
 def _interpreted() -> bool:

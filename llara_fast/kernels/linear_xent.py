@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llara_fast.kernels import use_triton
+from llara_fast.kernels import accumulate_mm_, use_triton
 
 
 def _empty(shape, device, dtype) -> torch.Tensor:
@@ -80,7 +80,7 @@ def _check(hidden, weight, targets):
                              f"[0, {weight.shape[0]})")
 
 
-def default_chunk_rows(vocab: int, budget_bytes: int = 512 * 2**20) -> int:
+def default_chunk_rows(vocab: int, budget_bytes: int = 32 * 2**20) -> int:
     """Rows per chunk so that one chunk of fp32 logits stays under budget_bytes."""
     return max(16, min(8192, budget_bytes // (4 * vocab)) // 16 * 16)
 
@@ -107,7 +107,7 @@ def linear_xent_forward(hidden, weight, targets, chunk_rows: int | None = None, 
             _xent_rows_torch(logits, targets[c0:c0 + chunk], losses[c0:c0 + chunk], scale, need_grad)
         if need_grad:
             grad_h[c0:c0 + chunk] = logits @ weight  # (C, d); logits now hold dL/dlogits
-            grad_w += (logits.t() @ h).float()  # (V, d)
+            accumulate_mm_(grad_w, logits.t(), h)  # (V, d) fp32
     return losses.mean() if M else losses.sum(), grad_h, grad_w
 
 
@@ -123,8 +123,14 @@ class LinearXentFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if getattr(ctx, "done", False):
+            raise RuntimeError("linear_xent: backward ran twice (retain_graph); its saved gradients are consumed")
+        ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None)
+        # The saved gradients are not needed after this: scale them in place (no (V, d) copy in fp32).
+        grad_h.mul_(grad_loss.to(grad_h.dtype))
+        grad_w.mul_(grad_loss)
+        return grad_h, grad_w.to(ctx.weight_dtype), None, None, None
 
 
 def linear_xent(hidden, weight, targets, chunk_rows: int | None = None, impl: str = "auto"):
