@@ -43,30 +43,46 @@ class LossOutput:
     n_ebar: torch.Tensor
 
 
-def _bow(hidden, positions, offsets, ids, weight, cfg: LossConfig):
+def _bow_sum(hidden, positions, offsets, ids, weight, cfg: LossConfig):
     rows = hidden[positions]  # (E, K, d)
     if cfg.impl == "reference":
         loss, valid = bow_xent_reference(rows, weight, offsets, ids, cfg.pooling)
     else:
         loss, valid = bow_xent(rows, weight, offsets, ids, cfg.pooling, impl=cfg.impl)
-    n = valid.sum()
-    return (loss * valid).sum() / n.clamp(min=1), n  # mean over examples with targets
+    return (loss * valid).sum(), valid.sum()  # summed over examples with targets, and their count
 
 
-def llara_loss(hidden: torch.Tensor, batch, head_weight: torch.Tensor, cfg: LossConfig = LossConfig()) -> LossOutput:
-    """hidden (N, d): final-normed hidden states of the batch; head_weight (V, d): the LM head."""
+def loss_denominators(batch) -> torch.Tensor:
+    """(3,) fp32 on the batch's device: text tokens, examples with an EBAE set, with an EBAR set.
+    Summed over the micro-batches (and ranks) of a step, they normalise each part globally."""
+    return torch.stack([
+        torch.tensor(float(batch.lm_positions.numel()), device=batch.sum_offsets.device),
+        (batch.sum_offsets.diff() > 0).sum().float(),
+        (batch.pred_offsets.diff() > 0).sum().float()])
+
+
+def llara_loss(hidden: torch.Tensor, batch, head_weight: torch.Tensor, cfg: LossConfig = LossConfig(),
+               denominators: torch.Tensor | None = None) -> LossOutput:
+    """hidden (N, d): final-normed hidden states of the batch; head_weight (V, d): the LM head.
+    denominators: the step's global (text tokens, EBAE examples, EBAR examples) when the batch is
+    one micro-batch of several; each part is then this batch's share of the step's mean."""
     if hidden.dim() != 2 or hidden.shape[0] != batch.num_tokens:
         raise ValueError(f"hidden must be (N={batch.num_tokens}, d), got {tuple(hidden.shape)}")
     zero = hidden.new_zeros((), dtype=torch.float32)
-    if cfg.w_lm != 0 and batch.lm_positions.numel() > 0:
+    M = batch.lm_positions.numel()
+    if cfg.w_lm != 0 and M > 0:
         h = hidden[batch.lm_positions]  # (M, d)
         if cfg.impl == "reference":
-            lm = linear_xent_reference(h, head_weight, batch.lm_targets)
+            lm_sum = linear_xent_reference(h, head_weight, batch.lm_targets) * M
         else:
-            lm = linear_xent(h, head_weight, batch.lm_targets, impl=cfg.impl)
+            lm_sum = linear_xent(h, head_weight, batch.lm_targets, impl=cfg.impl) * M
     else:
-        lm = zero
-    ebae, n_ebae = _bow(hidden, batch.sum_positions, batch.sum_offsets, batch.sum_ids, head_weight, cfg)
-    ebar, n_ebar = _bow(hidden, batch.pred_positions, batch.pred_offsets, batch.pred_ids, head_weight, cfg)
+        lm_sum = zero
+    ebae_sum, n_ebae = _bow_sum(hidden, batch.sum_positions, batch.sum_offsets, batch.sum_ids, head_weight, cfg)
+    ebar_sum, n_ebar = _bow_sum(hidden, batch.pred_positions, batch.pred_offsets, batch.pred_ids, head_weight, cfg)
+    if denominators is None:
+        denominators = torch.stack([torch.tensor(float(M), device=hidden.device), n_ebae.float(), n_ebar.float()])
+    d = denominators.to(hidden.device).clamp(min=1)
+    lm, ebae, ebar = lm_sum / d[0], ebae_sum / d[1], ebar_sum / d[2]
     total = cfg.w_lm * lm + cfg.w_bow * (ebae + ebar) / 2
     return LossOutput(total, lm.detach(), ebae.detach(), ebar.detach(), n_ebae, n_ebar)

@@ -1,0 +1,111 @@
+"""The trainer end to end on CPU: FSDP over 2 gloo processes, exact resume after kill -9,
+and clear errors. Runs `llara_fast.pretrain` in subprocesses, as users do."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--model.name", "debug", "--data.token_budget", "500", "--optim.lr", "1e-3", "--optim.warmup_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from llara_fast.data.prepare import prepare
+    from llara_fast.hf import resolve_source
+
+    out = tmp_path_factory.mktemp("data") / "wiki"
+    prepare(None, "wiki-sample", str(resolve_source("smollm2-135m")), 96, out, limit=150, progress=False, workers=1)
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args, nproc=1, env=None, check=True):
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(_free_port()), "-m", "llara_fast.pretrain", *args]
+    else:
+        cmd = [sys.executable, "-m", "llara_fast.pretrain", *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fsdp_two_processes_match_one_and_learn(tmp_path, data_dir):
+    """Same global batch: 1 process × 2 accumulated micro-batches == 2 processes × 1."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([*COMMON, "--data.dir", str(data_dir), "--run.steps", "5", "--run.out_dir", str(one),
+          "--data.grad_accum", "2"])
+    _run([*COMMON, "--data.dir", str(data_dir), "--run.steps", "5", "--run.out_dir", str(two)], nproc=2)
+    a, b = _metrics(one), _metrics(two)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    for x, y in zip(a, b):
+        assert x["data_hash"] == y["data_hash"] and x["passages"] == y["passages"]
+        for k in ("loss", "lm", "ebae", "ebar"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5), (x["step"], k)
+    assert a[-1]["loss"] < a[0]["loss"] - 0.05  # it learns
+    assert (one / "checkpoints" / "step_0000005" / "COMPLETE").is_file()
+    assert (one / "config.toml").is_file()
+
+
+def test_resume_after_kill_is_exact(tmp_path, data_dir):
+    args = [*COMMON, "--data.dir", str(data_dir), "--run.steps", "6", "--run.ckpt_every", "2"]
+    full = tmp_path / "full"
+    _run([*args, "--run.out_dir", str(full)])
+    crashed = tmp_path / "crashed"
+    p = _run([*args, "--run.out_dir", str(crashed)], env={"LLARA_FAST_CRASH_AT_STEP": "5"}, check=False)
+    assert p.returncode == -9
+    ck = sorted((crashed / "checkpoints").iterdir())
+    assert [c.name for c in ck][-1] == "step_0000004"  # step 5 ran but was not saved
+    _run([*args, "--run.out_dir", str(crashed), "--run.resume", "true"])
+    want = {m["step"]: m for m in _metrics(full)}
+    got = _metrics(crashed)
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 5, 6]  # step 5 re-run after the crash
+    for m in got[-2:]:
+        w = want[m["step"]]
+        assert m["data_hash"] == w["data_hash"]
+        for k in ("loss", "lm", "ebae", "ebar", "grad_norm"):
+            assert m[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), (m["step"], k)
+
+
+def test_clear_errors(tmp_path, data_dir):
+    from llara_fast.data.prepare import prepare
+    from llara_fast.data.sources import sentencepiece_model_path
+
+    p = _run(["--run.stepz", "3"], check=False)
+    assert p.returncode == 2 and "unknown key run.stepz; did you mean run.steps?" in p.stderr
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[optim]\nlr = 'fast'\n")
+    p = _run(["--config", str(cfg)], check=False)
+    assert p.returncode == 2 and "optim.lr: expected float" in p.stderr
+
+    other = tmp_path / "other"
+    prepare(None, "wiki-sample", str(sentencepiece_model_path()), 96, other, limit=20, progress=False, workers=1)
+    p = _run([*COMMON, "--data.dir", str(other), "--run.steps", "1", "--run.out_dir", str(tmp_path / "r")],
+             check=False)
+    assert p.returncode != 0 and "prepare the data again with this model's tokenizer" in p.stderr
+
+    run = tmp_path / "r2"
+    _run([*COMMON, "--data.dir", str(data_dir), "--run.steps", "1", "--run.out_dir", str(run)])
+    ck = run / "checkpoints" / "step_0000001"
+    for f in ck.glob("*.distcp"):
+        f.write_bytes(b"garbage")
+    p = _run([*COMMON, "--data.dir", str(data_dir), "--run.steps", "2", "--run.out_dir", str(run),
+              "--run.resume", "true"], check=False)
+    assert p.returncode != 0 and f"{ck}: unreadable checkpoint" in p.stderr
