@@ -128,7 +128,9 @@ def _sdpa(q, k, v, meta: AttnMeta) -> torch.Tensor:
         if KV != H:
             ke = ke.repeat_interleave(H // KV, dim=0)  # (H, L, D)
             ve = ve.repeat_interleave(H // KV, dim=0)  # (H, L, D)
-        oe = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=mask)  # (H, L, D)
+        # 4-D inputs: with 3-D ones PyTorch's CPU dispatcher falls back to the unfused math kernel
+        # (about 3x slower here); the fused flash kernel takes the same boolean mask.
+        oe = F.scaled_dot_product_attention(qe[None], ke[None], ve[None], attn_mask=mask)[0]  # (H, L, D)
         out[a:b] = oe.transpose(0, 1)  # (L, H, D)
     return out
 
