@@ -2,8 +2,8 @@
 
     python -m llara_fast.export --checkpoint SRC --out DIR [--dtype fp32|bf16] [--max-shard-size 5GB]
 
-SRC is a preset (``smollm2-135m``), an HF LLaMA directory, a ``.gguf`` file, or (once the
-trainer writes them) a training checkpoint. DIR becomes a standard HF directory that
+SRC is a preset (``smollm2-135m``), an HF LLaMA directory, a ``.gguf`` file, or a training
+checkpoint RUN/checkpoints/step_N of llara_fast.pretrain. DIR becomes a standard HF directory that
 ``transformers.AutoModel``, ``AutoModelForCausalLM`` and ``AutoTokenizer`` load with no
 custom code: config.json, model.safetensors (sharded with an index when larger than
 --max-shard-size), tokenizer files holding <s1>..<s16>, generation_config.json, a README
@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,8 +40,8 @@ META_FILE = "llara_fast.json"
 
 # ---- sources ---------------------------------------------------------------------------------
 def is_training_checkpoint(path: str | os.PathLike) -> bool:
-    """A torch.distributed.checkpoint directory (what llara_fast.pretrain will write) holds a
-    ``.metadata`` file and no config.json."""
+    """A torch.distributed.checkpoint directory of llara_fast.pretrain (RUN/checkpoints/step_N):
+    a ``.metadata`` file and no config.json."""
     p = Path(path)
     return p.is_dir() and (p / ".metadata").is_file() and not (p / "config.json").is_file()
 
@@ -48,14 +49,49 @@ def is_training_checkpoint(path: str | os.PathLike) -> bool:
 def load_training_checkpoint(path: str | os.PathLike, attn_backend: str = "auto"):
     """(model, tokenizer, prompts) from a trainer checkpoint RUN/checkpoints/step_N.
 
-    Hook for llara_fast.pretrain: its DCP checkpoint layout (model state-dict keys, where the
-    ModelArgs, tokenizer and PromptConfig are recorded) is not written yet, so this cannot be
-    implemented against it. Until then, pass an HF directory or a preset."""
-    raise NotImplementedError(
-        f"{path}: looks like a torch.distributed.checkpoint directory from the trainer; loading those "
-        "needs llara_fast.pretrain's checkpoint layout, which does not exist yet. Export from an HF "
-        "directory, a .gguf file or a preset instead (llara_fast.export.load_training_checkpoint is "
-        "the hook to fill in).")
+    Layout written by llara_fast.pretrain.save_checkpoint: DCP state {"model": LlaraTrainModule
+    state dict (keys "model.<ours>"), "optim": ...}, a COMPLETE marker, rank<r>.pt holding
+    "model_args"; RUN/config.toml names the model the run started from (its tokenizer)."""
+    import tomllib
+
+    import torch.distributed.checkpoint as dcp
+
+    from llara_fast.config import ModelArgs
+    from llara_fast.hf import add_special_tokens, load_tokenizer, resolve_source
+    from llara_fast.model import Transformer, rope_inv_freq
+
+    path = Path(path)
+    if not (path / "COMPLETE").is_file():
+        raise ValueError(f"{path}: no COMPLETE marker; the trainer did not finish writing this checkpoint")
+    run_cfg = path.parent.parent / "config.toml"
+    if not run_cfg.is_file():
+        raise FileNotFoundError(f"{run_cfg}: missing; a training checkpoint is read with its run's config "
+                                "(RUN/checkpoints/step_N next to RUN/config.toml)")
+    cfg = tomllib.loads(run_cfg.read_text())
+    if not (path / "rank0.pt").is_file():
+        raise FileNotFoundError(f"{path / 'rank0.pt'}: missing (it records the checkpoint's ModelArgs)")
+    extra = torch.load(path / "rank0.pt", map_location="cpu", weights_only=False)
+    args = ModelArgs(**extra["model_args"])
+    with torch.device("meta"):
+        model = Transformer(args, attn_backend=attn_backend)
+    state = {"model": {f"model.{k}": torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}}
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": a single-process read
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path))
+    except BaseException as e:  # DCP raises CheckpointException, a BaseException, with nested tracebacks
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        why = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise ValueError(f"{path}: unreadable training checkpoint for ModelArgs {args} "
+                         f"({type(e).__name__}: {why[-1] if why else ''})") from None
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()}, assign=True)
+    model.rope_inv_freq = rope_inv_freq(args)
+    name = cfg.get("model", {}).get("name", "smollm2-135m")
+    tokenizer = load_tokenizer(resolve_source(name) or resolve_source("smollm2-135m"))  # as hf.load_model
+    add_special_tokens(tokenizer)
+    prompts = PromptConfig(**cfg["prompts"]) if "prompts" in cfg else PromptConfig()
+    return model, tokenizer, prompts
 
 
 def read_prompts(path: str | os.PathLike) -> PromptConfig | None:
@@ -239,7 +275,7 @@ q = enc.encode_queries(["What is a llama?"])
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
-                    help="preset, HF directory, .gguf file (training checkpoints: not yet, see load_training_checkpoint)")
+                    help="preset, HF directory, .gguf file, or a training checkpoint RUN/checkpoints/step_N")
     ap.add_argument("--out", required=True, help="output HF directory")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
@@ -253,7 +289,7 @@ def main(argv=None):
         src_dir = resolve_source(args.checkpoint) if not is_training_checkpoint(args.checkpoint) else None
         out = export(model, tok, args.out, DTYPES[args.dtype], prompts, parse_size(args.max_shard_size),
                      source=args.checkpoint, source_dir=src_dir, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     files = sorted(p.name for p in out.iterdir())

@@ -1,7 +1,10 @@
 """HF export: layout, untrained-export equality, dtypes and shards, the model card's encode
 recipe through plain transformers against llara_fast's packed encoder, the checkpoint hook."""
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,17 +115,46 @@ def test_export_errors(tmp_path, capsys):
     assert main(["--checkpoint", "debug", "--out", str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "x").read_text() == "keep me"
-    ckpt = tmp_path / "step_10"
-    ckpt.mkdir()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000010"
+    ckpt.mkdir(parents=True)
     (ckpt / ".metadata").write_bytes(b"")
-    with pytest.raises(NotImplementedError, match="pretrain"):
+    with pytest.raises(ValueError, match="COMPLETE"):
         load_training_checkpoint(ckpt)
+    (ckpt / "COMPLETE").write_text("{}")
     assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o2")]) == 2
-    assert "load_training_checkpoint" in capsys.readouterr().err
+    assert "config.toml: missing" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o3")]) == 2
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1000") == 1000
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_export_training_checkpoint(tmp_path):
+    """A real checkpoint of llara_fast.pretrain (debug preset, one step) exports to exactly its
+    DCP weights, and the encoder reads it directly."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from llara_fast.data.prepare import prepare
+    from llara_fast.hf import ours_to_hf
+
+    prepare(None, "wiki-sample", str(resolve_source("smollm2-135m")), 64, tmp_path / "data", limit=12,
+            progress=False, workers=1)
+    cmd = [sys.executable, "-m", "llara_fast.pretrain", "--model.name", "debug", "--data.dir", str(tmp_path / "data"),
+           "--run.steps", "1", "--run.out_dir", str(tmp_path / "run"), "--data.token_budget", "400"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    dcp_to_torch_save(ckpt, tmp_path / "ck.pt")
+    saved = torch.load(tmp_path / "ck.pt", weights_only=False)["model"]
+    want = ours_to_hf({k.removeprefix("model."): v for k, v in saved.items()})
+    got = read_safetensors(tmp_path / "out")
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    enc = Encoder.from_pretrained(str(ckpt), attn_backend="sdpa", device="cpu")
+    from_export = Encoder.from_pretrained(str(tmp_path / "out"), attn_backend="sdpa", device="cpu")
+    torch.testing.assert_close(enc.encode_queries(QUERIES), from_export.encode_queries(QUERIES), rtol=0, atol=0)
 
 
 def test_card_recipe_roundtrip_smollm2(tmp_path, smollm2):
@@ -139,9 +171,10 @@ def test_card_recipe_roundtrip_smollm2(tmp_path, smollm2):
         ours = enc.encode(texts, kind)
         theirs = card_encode(texts, kind, hf, hf_tok)
         assert (ours - theirs).abs().max().item() <= 1e-5, kind
-    # The card's own code block, executed as written (THIS_DIR pointed at the export).
+    # The card's own code block, executed as written up to its demo (which would load the model again).
     card = (out / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("THIS_DIR", str(out))
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = code[:code.index("tokenizer = AutoTokenizer")]
     ns = {}
     exec(compile(code, "README.md", "exec"), ns)
     got = ns["encode"](TEXTS, ns["PASSAGE_SUFFIX"], hf, hf_tok)
