@@ -27,7 +27,7 @@ import triton.language as tl
 
 from llara_fast.kernels import accumulate_mm_, use_triton
 
-_NEG = -1.0e30  # a finite -inf for running maxima (keeps exp() free of inf - inf)
+_NEG = tl.constexpr(-1.0e30)  # a finite -inf for running maxima (keeps exp() free of inf - inf)
 
 
 def _empty(shape, device, dtype) -> torch.Tensor:
