@@ -31,10 +31,11 @@ except Exception:
 BACKENDS = ("auto", "sdpa", "torch_varlen", "flash_attn")
 
 
-def available_backends(device: torch.device | str) -> list[str]:
+def available_backends(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends usable on this device (and dtype: the FlashAttention kernels take fp16/bf16 only)."""
     dev = torch.device(device)
     out = []
-    if dev.type == "cuda":
+    if dev.type == "cuda" and dtype in (None, torch.float16, torch.bfloat16):
         if flash_attn_varlen_func is not None:
             out.append("flash_attn")
         if varlen_attn is not None:
@@ -43,16 +44,16 @@ def available_backends(device: torch.device | str) -> list[str]:
     return out
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
-    avail = available_backends(device)
+    avail = available_backends(device, dtype)
     if name == "auto":
         return avail[0]
     if name not in avail:
         why = {
-            "flash_attn": "needs a CUDA device and the flash-attn package (pip install 'llara-fast[flash]')",
-            "torch_varlen": "needs a CUDA device and torch >= 2.10 (torch.nn.attention.varlen)",
+            "flash_attn": "needs a CUDA device, fp16/bf16 and the flash-attn package (pip install 'llara-fast[flash]')",
+            "torch_varlen": "needs a CUDA device, fp16/bf16 and torch >= 2.10 (torch.nn.attention.varlen)",
         }[name]
         raise RuntimeError(f"attention backend {name!r} is unavailable on {device}: {why}")
     return name

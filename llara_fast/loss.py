@@ -82,7 +82,7 @@ def llara_loss(hidden: torch.Tensor, batch, head_weight: torch.Tensor, cfg: Loss
     ebar_sum, n_ebar = _bow_sum(hidden, batch.pred_positions, batch.pred_offsets, batch.pred_ids, head_weight, cfg)
     if denominators is None:
         denominators = torch.stack([torch.tensor(float(M), device=hidden.device), n_ebae.float(), n_ebar.float()])
-    d = denominators.to(hidden.device).clamp(min=1)
+    d = denominators.to(hidden.device, torch.float32).clamp(min=1)
     lm, ebae, ebar = lm_sum / d[0], ebae_sum / d[1], ebar_sum / d[2]
     total = cfg.w_lm * lm + cfg.w_bow * (ebae + ebar) / 2
     return LossOutput(total, lm.detach(), ebae.detach(), ebar.detach(), n_ebae, n_ebar)

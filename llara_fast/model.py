@@ -135,9 +135,9 @@ class Transformer(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         """batch: PackedBatch on this module's device. Returns hidden states (N, d)."""
-        backend = resolve_backend(self.attn_backend, batch.input_ids.device)
-        meta = build_meta(batch, backend)
         h = self.tok_embeddings(batch.input_ids)  # (N, d)
+        backend = resolve_backend(self.attn_backend, batch.input_ids.device, h.dtype)
+        meta = build_meta(batch, backend)
         cos, sin = rope_cos_sin(self.rope_inv_freq, batch.position_ids, h.dtype)  # (N, hd) each
         for layer in self.layers:
             h = layer(h, cos, sin, meta)

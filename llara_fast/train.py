@@ -23,7 +23,7 @@ class LlaraTrainModule(nn.Module):
         self.model = model
         self.loss_cfg = loss_cfg
 
-    def forward(self, batch, denominators: torch.Tensor | None = None):
+    def forward(self, batch, denominators: torch.Tensor | None = None):  # denominators: (3,) int64
         hidden = self.model(batch)  # (N, d)
         out = llara_loss(hidden, batch, self.model.lm_head_weight, self.loss_cfg, denominators)
         return out.total, torch.stack([out.lm, out.ebae, out.ebar])
@@ -71,7 +71,9 @@ def train_step(module: LlaraTrainModule, batches: list, optimizer: torch.optim.O
                           sum(b.lm_positions.numel() + 2 * b.sum_positions.numel() for b in batches), data_hash],
                          dtype=torch.float64)
     counts = _all_reduce(torch.cat([local.double(), stats]).to(device))  # one small collective
-    denominators = counts[:3].float()
+    # Integer counts: FSDP's mixed precision casts floating forward inputs to bf16, which would
+    # round a token count (3,382 -> 3,376) and mis-scale the loss; integer tensors pass unchanged.
+    denominators = counts[:3].round().long()
     parts = torch.zeros(4, device=device, dtype=torch.float32)  # total, lm, ebae, ebar
     for i, batch in enumerate(batches):
         if hasattr(module, "set_requires_gradient_sync"):  # FSDP2: reduce once, after the last
