@@ -55,12 +55,25 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def check_batch_ids(batches: list, vocab: int) -> None:
+    """Token and target ids inside the vocabulary, checked on the host copy before any kernel runs
+    (on the GPU the kernels do not check: that would cost a host synchronisation)."""
+    for i, b in enumerate(batches):
+        for name in ("input_ids", "lm_targets", "sum_ids", "pred_ids"):
+            t = getattr(b, name)
+            if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+                bad = int(t.max()) if int(t.max()) >= vocab else int(t.min())
+                raise ValueError(f"micro-batch {i}: {name} holds id {bad}, outside the model's vocabulary "
+                                 f"[0, {vocab}); was the data prepared with this model's tokenizer?")
+
+
 def train_step(module: LlaraTrainModule, batches: list, optimizer: torch.optim.Optimizer, scheduler=None, *,
                device: torch.device, grad_clip: float = 1.0) -> StepResult:
     """One optimizer step over this rank's micro-batches. Each part of the loss is normalised by
     the step's global count (all micro-batches of all ranks), so the result does not depend on
     how the global batch is split across micro-batches and ranks."""
     t0 = time.perf_counter()
+    check_batch_ids(batches, module.model.args.vocab_size)
     world = _world()
     rank = dist.get_rank() if world > 1 else 0
     local = torch.stack([loss_denominators(b) for b in batches]).sum(0)  # (3,) on CPU

@@ -132,3 +132,17 @@ def test_weights_and_empty_sets():
     assert no_lm.lm.item() == 0.0
     with pytest.raises(ValueError, match="loss impl"):
         LossConfig(impl="cuda")
+
+
+def test_train_step_rejects_out_of_vocab_ids():
+    from llara_fast.train import LlaraTrainModule, build_optimizer, train_step
+
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=60, ffn_hidden=24)
+    model = Transformer(args, attn_backend="sdpa")
+    model.init_weights(seed=2)
+    tpl = toy_template(60)
+    b = pack_reference(random_examples(np.random.default_rng(2), [5], 60, n_targets=(1, 5)), tpl, 100)
+    b.sum_ids[0] = 60
+    module = LlaraTrainModule(model, LossConfig())
+    with pytest.raises(ValueError, match="sum_ids holds id 60, outside the model's vocabulary"):
+        train_step(module, [b], build_optimizer(module, 1e-3, 0.0), device=torch.device("cpu"))
