@@ -68,7 +68,7 @@ class AttnMeta:
     max_seqlen_q: int
     max_seqlen_k: int
     k_index: torch.Tensor
-    # sdpa only: per example (token start, token end, bool mask (L, L)).
+    # sdpa only: per example (token start, token end, bool mask (L, L) or None for plain causal).
     blocks: list | None = None
 
 
@@ -110,6 +110,9 @@ def _example_blocks(batch) -> list:
         b = max(max(q1, int(k.max()) + 1 if len(k) else q1) for _, q1, k in g)
         if a != g[0][0] or b != g[-1][1]:
             raise ValueError(f"malformed PackedBatch: keys of tokens {g[0][0]}..{g[-1][1]} reach {a}..{b}")
+        if len(g) == 1 and torch.equal(g[0][2], torch.arange(a, b, dtype=g[0][2].dtype)):
+            blocks.append((a, b, None))  # one segment over its own tokens: plain causal, no mask needed
+            continue
         mask = torch.zeros(b - a, b - a, dtype=torch.bool)
         for q0, q1, keys in g:
             lq, lk = q1 - q0, len(keys)
@@ -126,12 +129,11 @@ def _sdpa(q, k, v, meta: AttnMeta) -> torch.Tensor:
         qe = q[a:b].transpose(0, 1)  # (H, L, D)
         ke = k[a:b].transpose(0, 1)  # (KV, L, D)
         ve = v[a:b].transpose(0, 1)  # (KV, L, D)
-        if KV != H:
-            ke = ke.repeat_interleave(H // KV, dim=0)  # (H, L, D)
-            ve = ve.repeat_interleave(H // KV, dim=0)  # (H, L, D)
         # 4-D inputs: with 3-D ones PyTorch's CPU dispatcher falls back to the unfused math kernel
-        # (about 3x slower here); the fused flash kernel takes the same boolean mask.
-        oe = F.scaled_dot_product_attention(qe[None], ke[None], ve[None], attn_mask=mask)[0]  # (H, L, D)
+        # (about 3x slower here); the fused flash kernel takes the same boolean mask, and with
+        # is_causal (no mask) it skips the blocks above the diagonal.
+        oe = F.scaled_dot_product_attention(qe[None], ke[None], ve[None], attn_mask=mask, is_causal=mask is None,
+                                            enable_gqa=KV != H)[0]  # (H, L, D)
         out[a:b] = oe.transpose(0, 1)  # (L, H, D)
     return out
 

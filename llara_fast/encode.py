@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from llara_fast.data.packing import greedy_groups, pack_encode_reference
 from llara_fast.data.templates import PromptConfig, Template
+from llara_fast.runtime import tune_cpu_malloc
 
 # Tokens per micro-batch. On CPU, small batches keep activations in cache and avoid the page
 # faults of large fresh allocations (measured in benchmarks/results/); on GPU, large ones fill it.
@@ -36,6 +37,8 @@ class Encoder:
                  token_budget: int | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            tune_cpu_malloc()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(self.device, self.dtype).eval()
         self.tokenizer = tokenizer

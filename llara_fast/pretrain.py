@@ -303,6 +303,7 @@ def run(cfg: PretrainConfig) -> dict:
     from llara_fast.data.templates import Template
     from llara_fast.hf import load_model, resolve_source
     from llara_fast.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp
+    from llara_fast.runtime import tune_cpu_malloc
     from llara_fast.train import LlaraTrainModule, build_optimizer, lr_lambda, train_step
 
     dev_type = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -310,6 +311,8 @@ def run(cfg: PretrainConfig) -> dict:
     rank, world = init_distributed(dev_type)
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        tune_cpu_malloc()
     device = torch.device(dev_type, torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     steps = cfg.run.steps or (200 if on_gpu else 12)
     if cfg.data.limit < 0:

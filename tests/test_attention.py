@@ -45,18 +45,45 @@ def test_sdpa_matches_naive(heads):
     torch.testing.assert_close(got.double(), naive_attention(q, k, v, tpl, lens), atol=1e-5, rtol=1e-5)
 
 
-def test_sdpa_encode_layout_is_per_segment():
+def test_sdpa_grads_match_naive():
+    """Backward through the masked blocks with grouped-query heads (enable_gqa)."""
+    rng = np.random.default_rng(2)
     tpl = toy_template(100)
-    b, _ = pack_encode_reference([[5, 6, 7], [8, 9]], tpl, "passage", 10)
+    lens = [5, 11]
+    b = pack_reference(random_examples(rng, lens, 100), tpl, 100)
+    g = torch.Generator().manual_seed(2)
+    N = b.num_tokens
+    q, k, v = (torch.randn(N, h, 8, generator=g, requires_grad=True) for h in (6, 2, 2))
+    w = torch.randn(N, 6, 8, generator=g)
+    got = torch.autograd.grad((packed_attention(q, k, v, build_meta(b, "sdpa")) * w).sum(), (q, k, v))
+    want = torch.autograd.grad((naive_attention(q, k, v, tpl, lens) * w.double()).sum(), (q, k, v))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [(2, 2), (6, 2)])
+def test_sdpa_encode_layout_is_per_segment(heads):
+    """Encoding batches are one plain causal segment per text: no mask is built, and each
+    segment equals float64 causal attention over its own tokens only."""
+    H, KV = heads
+    tpl = toy_template(100)
+    b, _ = pack_encode_reference([[5, 6, 7], [8, 9], [4] * 9], tpl, "passage", 10)
+    meta = build_meta(b, "sdpa")
+    assert [m for _, _, m in meta.blocks] == [None, None, None]
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(b.num_tokens, 2, 8, generator=g) for _ in range(3))
-    got = packed_attention(q, k, v, build_meta(b, "sdpa"))
+    q, k, v = (torch.randn(b.num_tokens, h, 8, generator=g) for h in (H, KV, KV))
+    got = packed_attention(q, k, v, meta)
     cu = b.cu_seqlens_q.tolist()
-    for s in range(2):
+    for s in range(3):
         sl = slice(cu[s], cu[s + 1])
-        want = torch.nn.functional.scaled_dot_product_attention(
-            q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1), is_causal=True).transpose(0, 1)
-        torch.testing.assert_close(got[sl], want)
+        L = cu[s + 1] - cu[s]
+        qs = q[sl].double()
+        ks = k[sl].double().repeat_interleave(H // KV, 1)
+        vs = v[sl].double().repeat_interleave(H // KV, 1)
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) / math.sqrt(8)  # (H, L, L)
+        scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+        want = torch.einsum("hij,jhd->ihd", scores.softmax(-1), vs)  # (L, H, D)
+        torch.testing.assert_close(got[sl].double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_backend_resolution():
