@@ -1,0 +1,274 @@
+"""Contrastive fine-tuning pairs: the FlagEmbedding JSONL, and a BEIR -> pairs converter.
+
+    python -m llara_fast.data.pairs --beir DIR [--split train] [--negatives bm25|random] \\
+        [--k 7] [--seed 0] --out FILE.jsonl
+
+Format (FlagEmbedding's fine-tuning data, read unchanged): one JSON object per line,
+``{"query": str, "pos": [str, ...], "neg": [str, ...]}``. Other keys are ignored; a missing
+(or null) "neg" is an empty list. Texts are kept as written, not stripped.
+
+``read_pairs`` skips bad records and counts them by reason, one reason per record, checked
+in this order: invalid_utf8, invalid_json, not_an_object, missing_query, bad_type (query not
+a string), empty_query (blank query), missing_pos, bad_type (pos not a list of strings),
+no_positive (empty pos, or every positive blank), bad_type (neg not a list of strings).
+Blank strings inside pos / neg of a kept record are dropped and counted (dropped_empty_text).
+Also counted: read (non-blank lines), kept, blank_line (not records). The first few bad
+records are reported as ``PairsWarning``s naming file:line; when bad / read exceeds
+``max_bad_fraction`` a ValueError names the file, the counts and the first bad line.
+
+``beir_to_pairs`` turns a BEIR split (read by ``llara_fast.evaluate.load_beir``: passages are
+``title + " " + text``) into one record per query with a relevant document (judgement > 0) in
+the corpus: pos = the texts of all its relevant documents, neg = ``k`` documents that are not
+relevant to it, either the top BM25 hits of the query over the corpus (``bm25s``, English stop
+words, no stemming) or a uniform sample without replacement (``random.Random(seed)``). A
+document whose text equals one of the query's positives is never a negative. Records carry
+query_id, pos_ids and neg_ids for auditing. The output depends only on the inputs and seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+try:
+    import bm25s
+except ImportError:  # only the "bm25" negatives need it
+    bm25s = None
+
+WARN_FIRST = 5          # bad records reported one by one; the rest only counted
+BM25_EXTRA_HITS = 5     # hits retrieved beyond k + positives, to absorb same-text duplicates
+
+
+class PairsWarning(UserWarning):
+    """A bad record in a pairs file (skipped)."""
+
+
+@dataclass
+class Pair:
+    query: str
+    pos: list[str]
+    neg: list[str]
+
+
+# ---- reading / writing ------------------------------------------------------------------------
+def _is_str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+def _non_blank(texts: list[str]) -> list[str]:
+    return [t for t in texts if t.strip()]
+
+
+def parse_pair(rec) -> tuple[Pair | None, str]:
+    """A decoded JSON value -> (Pair, "") or (None, reason). Blank texts are dropped here."""
+    if not isinstance(rec, dict):
+        return None, "not_an_object"
+    query = rec.get("query")
+    if query is None:
+        return None, "missing_query"
+    if not isinstance(query, str):
+        return None, "bad_type"
+    if not query.strip():
+        return None, "empty_query"
+    pos = rec.get("pos")
+    if pos is None:
+        return None, "missing_pos"
+    if not _is_str_list(pos):
+        return None, "bad_type"
+    if not _non_blank(pos):
+        return None, "no_positive"
+    neg = rec.get("neg")
+    neg = [] if neg is None else neg
+    if not _is_str_list(neg):
+        return None, "bad_type"
+    return Pair(query, _non_blank(pos), _non_blank(neg)), ""
+
+
+def _decode(raw: bytes) -> tuple[object, str]:
+    """One line's bytes -> (JSON value, "") or (None, reason)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "invalid_utf8"
+    try:
+        return json.loads(text), ""
+    except json.JSONDecodeError:
+        return None, "invalid_json"
+
+
+def read_pairs(path: str | os.PathLike, counts: Counter | None = None,
+               max_bad_fraction: float = 1.0) -> list[Pair]:
+    """Read a FlagEmbedding pairs JSONL file; bad records are skipped and counted in ``counts``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such pairs file")
+    counts = Counter() if counts is None else counts
+    pairs: list[Pair] = []
+    bad: list[tuple[int, str]] = []  # (line number, reason)
+    with open(path, "rb") as f:  # lines split on b"\n"; a trailing "\r" is JSON whitespace
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
+            if not raw.strip():
+                counts["blank_line"] += 1
+                continue
+            counts["read"] += 1
+            rec, reason = _decode(raw)
+            pair = None
+            if not reason:
+                pair, reason = parse_pair(rec)
+            if pair is None:
+                counts[reason] += 1
+                bad.append((lineno, reason))
+                if len(bad) <= WARN_FIRST:
+                    warnings.warn(f"{path}:{lineno}: {reason} (record skipped)", PairsWarning, stacklevel=2)
+                continue
+            dropped = len(rec["pos"]) + len(rec.get("neg") or []) - len(pair.pos) - len(pair.neg)
+            if dropped:
+                counts["dropped_empty_text"] += dropped
+            counts["kept"] += 1
+            pairs.append(pair)
+    if len(bad) > WARN_FIRST:
+        warnings.warn(f"{path}: {len(bad) - WARN_FIRST} more bad records skipped", PairsWarning, stacklevel=2)
+    _check_bad_fraction(path, counts, bad, max_bad_fraction)
+    return pairs
+
+
+def _check_bad_fraction(path: Path, counts: Counter, bad: list[tuple[int, str]], max_bad_fraction: float) -> None:
+    if not bad or len(bad) / counts["read"] <= max_bad_fraction:
+        return
+    lineno, reason = bad[0]
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if v)
+    raise ValueError(f"{path}: {len(bad)} of {counts['read']} records are bad "
+                     f"({len(bad) / counts['read']:.1%} > max_bad_fraction {max_bad_fraction:g}); "
+                     f"counts: {summary}; first bad record: {path}:{lineno} ({reason})")
+
+
+def write_pairs(pairs: Iterable[Pair | dict], path: str | os.PathLike) -> int:
+    """Write Pairs or dicts as JSONL (UTF-8, one object per line); returns the number written.
+    Written to a temporary file beside ``path`` and renamed, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for p in pairs:
+                f.write(json.dumps(asdict(p) if isinstance(p, Pair) else p, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+# ---- BEIR -> pairs ----------------------------------------------------------------------------
+def _bm25_ranked(doc_texts: list[str], query_texts: list[str], depth: int) -> list[list[int]]:
+    """Top ``depth`` corpus indices per query by BM25 score (best first)."""
+    if bm25s is None:
+        raise RuntimeError("bm25s is not installed: pip install bm25s (or use negatives='random')")
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(doc_texts, stopwords="en", show_progress=False), show_progress=False)
+    query_tokens = bm25s.tokenize(query_texts, stopwords="en", return_ids=False, show_progress=False)
+    docs, _scores = retriever.retrieve(query_tokens, k=min(depth, len(doc_texts)), show_progress=False)
+    return docs.tolist()  # (Q, depth)
+
+
+def _random_ranked(n_docs: int, n_queries: int, depth: int, seed: int) -> list[list[int]]:
+    """``depth`` distinct corpus indices per query, uniform; one RNG over the queries in order.
+    Dropping a query's positives from a uniform ordered sample leaves a uniform sample of the rest."""
+    rng = random.Random(seed)
+    return [rng.sample(range(n_docs), min(depth, n_docs)) for _ in range(n_queries)]
+
+
+def _pick_negatives(ranked: list[int], pos: list[int], doc_texts: list[str], k: int, counts: Counter) -> list[int]:
+    """The first ``k`` of ``ranked`` whose text is not a positive's text (so never a positive)."""
+    pos_texts = {doc_texts[j] for j in pos}
+    chosen = []
+    for j in ranked:
+        if len(chosen) == k:
+            break
+        if doc_texts[j] in pos_texts:
+            counts["neg_same_text_as_pos"] += j not in pos  # a copy of a positive under another id
+            continue
+        chosen.append(j)
+    return chosen
+
+
+def beir_to_pairs(beir_dir: str | os.PathLike, split: str = "train", negatives: str = "bm25", k: int = 7,
+                  seed: int = 0, counts: Counter | None = None) -> list[dict]:
+    """One record {"query", "pos", "neg", "query_id", "pos_ids", "neg_ids"} per query of the split
+    with a relevant document in the corpus; see the module docstring for the negatives."""
+    from llara_fast.evaluate import load_beir  # evaluate imports faiss and friends: only load when used
+
+    if negatives not in ("bm25", "random"):
+        raise ValueError(f"unknown negatives {negatives!r} (bm25 or random)")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    counts = Counter() if counts is None else counts
+    data = load_beir(beir_dir, split)
+    counts.update(data.counts)
+    counts["no_positive"] += data.counts.get("queries_no_relevant", 0)
+    row = {d: i for i, d in enumerate(data.doc_ids)}
+
+    # positives: relevant documents present in the corpus (load_beir counts the absent ones)
+    queries = []  # (query id, query text, positive corpus indices)
+    for qid, qtext in zip(data.query_ids, data.query_texts):
+        pos = [row[d] for d, rel in data.qrels[qid].items() if rel > 0 and d in row]
+        if not pos:
+            counts["no_positive"] += 1
+            continue
+        queries.append((qid, qtext, pos))
+
+    depth = k + max((len(p) for _, _, p in queries), default=0) + BM25_EXTRA_HITS
+    if negatives == "bm25":
+        ranked = _bm25_ranked(data.doc_texts, [q for _, q, _ in queries], depth) if queries else []
+    else:
+        ranked = _random_ranked(len(data.doc_ids), len(queries), depth, seed)
+
+    records = []
+    for (qid, qtext, pos), hits in zip(queries, ranked):
+        neg = _pick_negatives(hits, pos, data.doc_texts, k, counts)
+        if len(neg) < k:
+            counts["short_negatives"] += 1
+        records.append({"query": qtext, "pos": [data.doc_texts[j] for j in pos],
+                        "neg": [data.doc_texts[j] for j in neg], "query_id": qid,
+                        "pos_ids": [data.doc_ids[j] for j in pos], "neg_ids": [data.doc_ids[j] for j in neg]})
+    counts["records"] += len(records)
+    counts["positives"] += sum(len(r["pos"]) for r in records)
+    counts["negatives"] += sum(len(r["neg"]) for r in records)
+    return records
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Convert a BEIR split to FlagEmbedding fine-tuning JSONL with hard (BM25) or random negatives."""
+    p = argparse.ArgumentParser(prog="python -m llara_fast.data.pairs", description=main.__doc__)
+    p.add_argument("--beir", required=True, help="BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/)")
+    p.add_argument("--split", default="train", help="qrels split (qrels/<split>.tsv); default train")
+    p.add_argument("--negatives", choices=("bm25", "random"), default="bm25",
+                   help="top BM25 hits that are not relevant, or a uniform random sample; default bm25")
+    p.add_argument("--k", type=int, default=7, help="negatives per query; default 7")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random negatives; default 0")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    counts: Counter = Counter()
+    records = beir_to_pairs(a.beir, a.split, a.negatives, a.k, a.seed, counts)
+    write_pairs(records, a.out)
+    summary = " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if v)
+    print(f"pairs: {len(records)} records ({a.negatives}, k={a.k}) -> {a.out} in {time.perf_counter() - t0:.1f}s; "
+          f"{summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
