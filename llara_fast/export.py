@@ -57,7 +57,6 @@ def load_training_checkpoint(path: str | os.PathLike, attn_backend: str = "auto"
     import torch.distributed.checkpoint as dcp
 
     from llara_fast.config import ModelArgs
-    from llara_fast.hf import add_special_tokens, load_tokenizer, resolve_source
     from llara_fast.model import Transformer, rope_inv_freq
 
     path = Path(path)
@@ -72,8 +71,13 @@ def load_training_checkpoint(path: str | os.PathLike, attn_backend: str = "auto"
         raise FileNotFoundError(f"{path / 'rank0.pt'}: missing (it records the checkpoint's ModelArgs)")
     extra = torch.load(path / "rank0.pt", map_location="cpu", weights_only=False)
     args = ModelArgs(**extra["model_args"])
+    lora = cfg.get("lora", {})
     with torch.device("meta"):
         model = Transformer(args, attn_backend=attn_backend)
+        if lora.get("rank", 0) > 0:  # a LoRA fine-tuning run: same keys plus the adapters
+            from llara_fast.lora import apply_lora
+
+            apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
     state = {"model": {f"model.{k}": torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}}
     try:
         with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": a single-process read
@@ -86,12 +90,31 @@ def load_training_checkpoint(path: str | os.PathLike, attn_backend: str = "auto"
         raise ValueError(f"{path}: unreadable training checkpoint for ModelArgs {args} "
                          f"({type(e).__name__}: {why[-1] if why else ''})") from None
     model.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()}, assign=True)
+    if lora.get("rank", 0) > 0:
+        from llara_fast.lora import merge_lora
+
+        merge_lora(model)
     model.rope_inv_freq = rope_inv_freq(args)
-    name = cfg.get("model", {}).get("name", "smollm2-135m")
-    tokenizer = load_tokenizer(resolve_source(name) or resolve_source("smollm2-135m"))  # as hf.load_model
-    add_special_tokens(tokenizer)
+    tokenizer = checkpoint_tokenizer(cfg.get("model", {}).get("name", "smollm2-135m"))
     prompts = PromptConfig(**cfg["prompts"]) if "prompts" in cfg else PromptConfig()
     return model, tokenizer, prompts
+
+
+def checkpoint_tokenizer(name: str):
+    """The tokenizer (with <s1>..<s16>) of the model a run started from: a preset / HF dir / GGUF,
+    or, for a run started from another run's checkpoint, that run's tokenizer."""
+    import tomllib
+
+    from llara_fast.hf import add_special_tokens, load_tokenizer, resolve_source
+
+    if is_training_checkpoint(name):
+        parent = Path(name).parent.parent / "config.toml"
+        if not parent.is_file():
+            raise FileNotFoundError(f"{parent}: missing; needed for the tokenizer of checkpoint {name}")
+        return checkpoint_tokenizer(tomllib.loads(parent.read_text()).get("model", {}).get("name", "smollm2-135m"))
+    tokenizer = load_tokenizer(resolve_source(name) or resolve_source("smollm2-135m"))  # as hf.load_model
+    add_special_tokens(tokenizer)
+    return tokenizer
 
 
 def read_prompts(path: str | os.PathLike) -> PromptConfig | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 import shutil
 import signal
@@ -113,7 +112,7 @@ def _coerce(value, typ, where):
     return value
 
 
-def _apply(cfg: PretrainConfig, section: str, key: str, value, where: str):
+def _apply(cfg, section: str, key: str, value, where: str):
     sections = {f.name: f for f in dataclasses.fields(cfg)}
     if section not in sections:
         hint = difflib.get_close_matches(section, sections, n=1)
@@ -129,8 +128,9 @@ def _apply(cfg: PretrainConfig, section: str, key: str, value, where: str):
     setattr(sub, key, _coerce(value, typ, f"{where}: {section}.{key}"))
 
 
-def load_config(argv: list[str]) -> PretrainConfig:
-    cfg = PretrainConfig()
+def load_config(argv: list[str], cls=None):
+    """cls() (PretrainConfig by default), then a TOML file (--config FILE first), then overrides."""
+    cfg = (cls or PretrainConfig)()
     args = list(argv)
     if args[:1] == ["--config"] or any(a.startswith("--config=") for a in args[:1]):
         path = args[1] if args[0] == "--config" else args[0].split("=", 1)[1]
@@ -165,7 +165,7 @@ def load_config(argv: list[str]) -> PretrainConfig:
     return cfg
 
 
-def to_toml(cfg: PretrainConfig) -> str:
+def to_toml(cfg) -> str:
     lines = []
     for sec in dataclasses.fields(cfg):
         lines.append(f"[{sec.name}]")
@@ -296,33 +296,95 @@ def prepare_default_data(cfg: PretrainConfig, tokenizer_spec: str, rank: int) ->
     return out
 
 
-def run(cfg: PretrainConfig) -> dict:
-    from llara_fast.config import mfu, peak_tflops_for
-    from llara_fast.data.loader import PackedLoader
-    from llara_fast.data.shards import ShardedDataset
-    from llara_fast.data.templates import Template
-    from llara_fast.hf import load_model, resolve_source
-    from llara_fast.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp
+class NonfiniteGuard:
+    """Counts consecutive skipped (non-finite) steps; stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int, out: Path, rank: int):
+        self.limit, self.out, self.rank, self.in_a_row = limit, out, rank, 0
+
+    def update(self, step: int, skipped: bool, loss: float, grad_norm: float):
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        _log(self.rank, f"step {step}: non-finite loss/grad ({loss}, {grad_norm}); update skipped "
+                        f"({self.in_a_row} in a row)")
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(f"{self.in_a_row} non-finite steps in a row at step {step}; stopping. The last good "
+                               f"checkpoint is {latest_checkpoint(self.out)}; lower optim.lr or check the data")
+
+
+def end_of_step(cfg, step: int, steps: int, out: Path, module, optimizer, scheduler, loader, rank: int, model_args):
+    """Checkpoint every run.ckpt_every steps and at the end; then the kill -9 fault injection of
+    the resume tests (LLARA_FAST_CRASH_AT_STEP)."""
+    if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == steps:
+        path = save_checkpoint(out, step, module, optimizer, scheduler, loader, rank, cfg.run.keep_checkpoints,
+                               {"model_args": dataclasses.asdict(model_args)})
+        _log(rank, f"saved {path}")
+    if step == int(os.environ.get("LLARA_FAST_CRASH_AT_STEP", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def init_run(cfg) -> tuple[int, int, torch.device, torch.dtype]:
+    """Process group, device and parameter dtype from cfg.run: (rank, world, device, dtype)."""
     from llara_fast.runtime import tune_cpu_malloc
-    from llara_fast.train import LlaraTrainModule, build_optimizer, lr_lambda, train_step
 
     dev_type = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = dev_type == "cuda"
+    dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}.get(cfg.run.dtype)
+    if dtype is None:
+        raise ConfigError(f"run.dtype must be auto, float32 or bfloat16, got {cfg.run.dtype!r}")
     rank, world = init_distributed(dev_type)
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         tune_cpu_malloc()
     device = torch.device(dev_type, torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    return rank, world, device, dtype
+
+
+def setup_training(cfg, model, make_module, dtype, device, steps: int, loader, out: Path, rank: int):
+    """Activation checkpointing, compile, FSDP, AdamW + schedule, and the resume of
+    `run.resume` — shared by pretrain and finetune. Returns (module, optimizer, scheduler,
+    first step done)."""
+    from llara_fast.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp
+    from llara_fast.train import build_optimizer, lr_lambda
+
+    apply_activation_checkpointing(model.layers, cfg.model.ac)
+    if cfg.model.compile:
+        apply_compile(model.layers)
+    module = make_module().to(device)
+    apply_fsdp(module, model.layers, param_dtype=dtype)
+    optimizer = build_optimizer(module, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.warmup_steps, steps, cfg.optim.decay, cfg.optim.min_lr_ratio))
+    start = 0
+    if cfg.run.resume:
+        ck = latest_checkpoint(out)
+        if ck is None:
+            _log(rank, f"run.resume: no complete checkpoint under {out / 'checkpoints'}; starting fresh")
+        else:
+            start = load_checkpoint(ck, module, optimizer, scheduler, loader, rank)["step"]
+            _log(rank, f"resumed from {ck} (step {start})")
+    return module, optimizer, scheduler, start
+
+
+def run(cfg: PretrainConfig) -> dict:
+    from llara_fast.config import mfu, peak_tflops_for
+    from llara_fast.data.loader import PackedLoader
+    from llara_fast.data.shards import ShardedDataset
+    from llara_fast.data.templates import Template
+    from llara_fast.hf import load_model, resolve_source
+    from llara_fast.train import LlaraTrainModule, train_step
+
+    rank, world, device, dtype = init_run(cfg)
+    on_gpu = device.type == "cuda"
     steps = cfg.run.steps or (200 if on_gpu else 12)
     if cfg.data.limit < 0:
         cfg.data.limit = 0 if on_gpu else 2000
     budget = cfg.data.token_budget or (16384 if on_gpu else 1024)
     cfg.run.steps, cfg.data.token_budget = steps, budget  # the saved config is the resolved one
-    dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}.get(cfg.run.dtype)
-    if dtype is None:
-        raise ConfigError(f"run.dtype must be auto, float32 or bfloat16, got {cfg.run.dtype!r}")
     out = Path(cfg.run.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -349,48 +411,22 @@ def run(cfg: PretrainConfig) -> dict:
     loader = PackedLoader(dataset, template, min(cfg.data.max_len, dataset.max_len), budget,
                           seed=cfg.data.seed, dp_rank=rank, dp_world=world)
 
-    # parallelism, optimizer
-    apply_activation_checkpointing(model.layers, cfg.model.ac)
-    if cfg.model.compile:
-        apply_compile(model.layers)
-    module = LlaraTrainModule(model, cfg.loss).to(device)
-    apply_fsdp(module, model.layers, param_dtype=dtype)
-    optimizer = build_optimizer(module, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.optim.warmup_steps, steps, cfg.optim.decay, cfg.optim.min_lr_ratio))
-
-    start = 0
-    if cfg.run.resume:
-        ck = latest_checkpoint(out)
-        if ck is None:
-            _log(rank, f"run.resume: no complete checkpoint under {out / 'checkpoints'}; starting fresh")
-        else:
-            start = load_checkpoint(ck, module, optimizer, scheduler, loader, rank)["step"]
-            _log(rank, f"resumed from {ck} (step {start})")
+    module, optimizer, scheduler, start = setup_training(
+        cfg, model, lambda: LlaraTrainModule(model, cfg.loss), dtype, device, steps, loader, out, rank)
 
     args = model.args
     peak = peak_tflops_for(torch.cuda.get_device_name(device)) if on_gpu else None
     metrics_path = out / "metrics.jsonl"
-    nonfinite = 0
-    last = {}
+    guard, last = NonfiniteGuard(cfg.run.max_nonfinite, out, rank), {}
     from tqdm import tqdm
 
     bar = tqdm(total=steps, initial=start, desc="pretrain", unit="step", disable=rank != 0, file=sys.stderr)
-    crash_at = int(os.environ.get("LLARA_FAST_CRASH_AT_STEP", "0"))  # fault injection for the resume test
     wall0 = time.perf_counter()
     try:
         for step in range(start + 1, steps + 1):
             batches = [next(loader) for _ in range(cfg.data.grad_accum)]
             r = train_step(module, batches, optimizer, scheduler, device=device, grad_clip=cfg.optim.grad_clip)
-            if r.skipped:
-                nonfinite += 1
-                _log(rank, f"step {step}: non-finite loss/grad ({r.loss}, {r.grad_norm}); update skipped "
-                           f"({nonfinite} in a row)")
-                if nonfinite >= cfg.run.max_nonfinite:
-                    raise RuntimeError(f"{nonfinite} non-finite steps in a row at step {step}; stopping. The last "
-                                       f"good checkpoint is {latest_checkpoint(out)}; lower optim.lr or check the data")
-            else:
-                nonfinite = 0
+            guard.update(step, r.skipped, r.loss, r.grad_norm)
             flops = args.step_flops(r.tokens, r.attn_pairs, r.head_positions)
             rec = {"step": step, "loss": r.loss, "lm": r.lm, "ebae": r.ebae, "ebar": r.ebar,
                    "grad_norm": r.grad_norm, "lr": scheduler.get_last_lr()[0], "tokens": r.tokens,
@@ -410,12 +446,7 @@ def run(cfg: PretrainConfig) -> dict:
                                f"{rec['tflops']:.2f} TFLOP/s" + (f" MFU {rec['mfu']:.1%}" if rec["mfu"] else "")
                                + (f" | mem {rec['mem_gb']:.1f} GB" if on_gpu else ""))
             bar.update(1)
-            if (cfg.run.ckpt_every and step % cfg.run.ckpt_every == 0) or step == steps:
-                path = save_checkpoint(out, step, module, optimizer, scheduler, loader, rank,
-                                       cfg.run.keep_checkpoints, {"model_args": dataclasses.asdict(args)})
-                _log(rank, f"saved {path}")
-            if crash_at and step == crash_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            end_of_step(cfg, step, steps, out, module, optimizer, scheduler, loader, rank, args)
     except torch.cuda.OutOfMemoryError as e:
         raise SystemExit(f"out of GPU memory at data.token_budget={budget} ({e}). Lower data.token_budget, set "
                          "model.ac=selective or full, or use more GPUs (FSDP shards parameters and optimizer)")
@@ -428,27 +459,33 @@ def run(cfg: PretrainConfig) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None, config_cls, run_fn, prog: str, doc: str) -> int:
+    """The command-line shell of pretrain and finetune: --help prints the doc and the default
+    config; config errors exit 2, user-facing errors exit 1 with one line; the process group is
+    always torn down."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__)
-        print(to_toml(PretrainConfig()))
+        print(doc)
+        print(to_toml(config_cls()))
         return 0
     try:
-        cfg = load_config(argv)
-        run(cfg)
+        run_fn(load_config(argv, config_cls))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError, FileNotFoundError) as e:  # user-facing: say what and where, briefly
-        print(f"llara_fast.pretrain: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(argv, PretrainConfig, run, "llara_fast.pretrain", __doc__)
 
 
 if __name__ == "__main__":

@@ -168,21 +168,28 @@ def pack_greedy_reference(examples: Sequence[Example], template: Template, max_l
     return [pack_reference([examples[i] for i in g], template, max_len) for g in greedy_groups(lengths, token_budget)]
 
 
-def pack_encode_reference(texts: Sequence[Sequence[int]], template: Template, kind: str,
+def pack_encode_reference(texts: Sequence[Sequence[int]], template: Template, kind: str | Sequence[str],
                           max_len: int) -> tuple[PackedBatch, torch.Tensor]:
     """Encoder layout (DESIGN §1 "Encoder use"): one causal segment per text,
     PREFIX TEXT SUM for passages (kind="passage") or PREFIX TEXT PRED for queries (kind="query").
-    Returns the batch and the (E, K) positions whose hidden states are averaged."""
-    if kind not in ("passage", "query"):
-        raise ValueError(f"kind must be 'passage' or 'query', got {kind!r}")
+    ``kind`` is one kind for all texts or one per text (queries and passages in one batch, as
+    contrastive fine-tuning packs them). Returns the batch and the (E, K) positions whose hidden
+    states are averaged."""
+    kinds = [kind] * len(texts) if isinstance(kind, str) else list(kind)
+    if len(kinds) != len(texts):
+        raise ValueError(f"pack_encode_reference: {len(kinds)} kinds for {len(texts)} texts")
+    for k in set(kinds):
+        if k not in ("passage", "query"):
+            raise ValueError(f"kind must be 'passage' or 'query', got {k!r}")
     if len(texts) == 0:
         raise ValueError("pack_encode_reference: no texts")
-    suffix = template.sum_ids if kind == "passage" else template.pred_ids
-    offsets = template.sum_special_offsets if kind == "passage" else template.pred_special_offsets
+    suffixes = {"passage": (list(template.sum_ids), template.sum_special_offsets),
+                "query": (list(template.pred_ids), template.pred_special_offsets)}
     prefix = list(template.prefix_ids)
     tokens, positions, cu, special = [], [], [0], []
-    for t in texts:
-        seq = prefix + [int(x) for x in t[:max_len]] + list(suffix)
+    for t, k in zip(texts, kinds):
+        suffix, offsets = suffixes[k]
+        seq = prefix + [int(x) for x in t[:max_len]] + suffix
         start = len(tokens)
         special.append([start + len(seq) - len(suffix) + o for o in offsets])
         tokens += seq

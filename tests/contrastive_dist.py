@@ -1,0 +1,44 @@
+"""Worker for tests/test_contrastive.py: run with torch.distributed.run --nproc_per_node 2.
+
+Every rank builds the same random model and the same global batch of queries + passages, keeps
+its share (rank r: queries r*B..(r+1)*B and their groups), computes the cross-rank InfoNCE with
+ContrastiveModule, back-propagates world * loss as contrastive_step does, and sums the
+parameter gradients over ranks / world. Rank 0 saves the summed loss and the gradients."""
+import sys
+
+import torch
+import torch.distributed as dist
+
+from llara_fast.contrastive import ContrastiveConfig, ContrastiveModule
+from llara_fast.data.packing import pack_encode_reference
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_contrastive import GROUP, Q_TOTAL, TEMPERATURE, global_batch, tiny_model  # noqa: E402
+
+
+def main(out_path: str):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, template = tiny_model()
+    queries, passages = global_batch(template)
+    B = Q_TOTAL // world
+    qs = queries[rank * B:(rank + 1) * B]
+    ps = passages[rank * B * GROUP:(rank + 1) * B * GROUP]
+    batch, special = pack_encode_reference(qs + ps, template, ["query"] * B + ["passage"] * len(ps), 1 << 30)
+    module = ContrastiveModule(model, ContrastiveConfig(temperature=TEMPERATURE, cross_rank=True))
+    loss, _ = module(batch, special, B, GROUP, Q_TOTAL)
+    (loss * world).backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        grads[name] = g / world
+    if rank == 0:
+        torch.save({"loss": total, "grads": grads}, out_path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,118 @@
+"""`llara_fast.finetune` end to end, in subprocesses as users run it: FSDP with cross-rank
+negatives (1 process == 2 processes for the same global batch), exact resume after kill -9,
+LoRA merged on export, bad input skipped and counted."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--model.name", "debug", "--data.limit", "24", "--data.negatives", "2", "--optim.lr", "1e-3",
+          "--optim.warmup_steps", "1", "--run.export", "false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args, nproc=1, env=None, check=True):
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(_free_port()), "-m", "llara_fast.finetune", *args]
+    else:
+        cmd = [sys.executable, "-m", "llara_fast.finetune", *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_share_negatives_and_match_one(tmp_path):
+    """4 queries per step: 1 process x 4 == 2 processes x 2 with passages gathered across ranks."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([*COMMON, "--data.queries", "4", "--run.steps", "4", "--run.out_dir", str(one)])
+    _run([*COMMON, "--data.queries", "2", "--run.steps", "4", "--run.out_dir", str(two)], nproc=2)
+    a, b = _metrics(one), _metrics(two)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["queries"] == y["queries"] == 4 and x["passages"] == y["passages"] == 12
+        for k in ("loss", "accuracy", "grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5), (x["step"], k)
+    # without cross-rank sharing each query sees only its rank's 6 passages: a different loss
+    local = tmp_path / "local"
+    _run([*COMMON, "--data.queries", "2", "--run.steps", "1", "--run.out_dir", str(local),
+          "--contrastive.cross_rank", "false"], nproc=2)
+    assert abs(_metrics(local)[0]["loss"] - a[0]["loss"]) > 1e-3
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    args = [*COMMON, "--run.steps", "5", "--run.ckpt_every", "2"]
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    _run([*args, "--run.out_dir", str(full)])
+    p = _run([*args, "--run.out_dir", str(crashed)], env={"LLARA_FAST_CRASH_AT_STEP": "3"}, check=False)
+    assert p.returncode == -9
+    assert sorted(c.name for c in (crashed / "checkpoints").iterdir())[-1] == "step_0000002"
+    _run([*args, "--run.out_dir", str(crashed), "--run.resume", "true"])
+    want = {m["step"]: m for m in _metrics(full)}
+    got = _metrics(crashed)
+    assert [m["step"] for m in got] == [1, 2, 3, 3, 4, 5]
+    for m in got[3:]:
+        for k in ("loss", "accuracy", "grad_norm", "tokens"):
+            assert m[k] == pytest.approx(want[m["step"]][k], rel=1e-6, abs=1e-7), (m["step"], k)
+
+
+def test_lora_run_exports_merged_weights(tmp_path):
+    """LoRA fine-tuning changes only the adapted matrices; RUN/export (merged) and the training
+    checkpoint (merged on load) hold the same weights; the export encodes like the checkpoint."""
+    from llara_fast.encode import Encoder
+    from llara_fast.export import load_source
+
+    out = tmp_path / "lora"
+    _run([*COMMON, "--run.steps", "2", "--run.out_dir", str(out), "--lora.rank", "4", "--lora.targets", "wq,w2",
+          "--run.export", "true"])
+    ck, _, _ = load_source(str(out / "checkpoints" / "step_0000002"))
+    ex, tok, prompts = load_source(str(out / "export"))
+    base, _, _ = load_source("debug")
+    sc, se, sb = ck.state_dict(), ex.state_dict(), base.state_dict()
+    assert sorted(sc) == sorted(se) == sorted(sb)
+    for k in sb:
+        torch.testing.assert_close(se[k], sc[k], atol=1e-6, rtol=0)
+        changed = not torch.equal(sc[k], sb[k])
+        assert changed == (k.endswith("attention.wq.weight") or k.endswith("feed_forward.w2.weight")), k
+    texts = ["a short passage", "another one about cats"]
+    a = Encoder(ck, tok, prompts).encode_passages(texts)
+    b = Encoder.from_pretrained(str(out / "export")).encode_passages(texts)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    good = [{"query": f"q{i}", "pos": [f"passage {i} text"], "neg": [f"other {i}", f"more {i}"]} for i in range(6)]
+    lines = [json.dumps(r) for r in good] + [
+        json.dumps({"query": "", "pos": ["x"]}), json.dumps({"pos": ["x"]}), json.dumps({"query": "q", "pos": []}),
+        "{not json"]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    p = _run([*COMMON, "--data.train", str(data), "--run.steps", "1", "--run.out_dir", str(tmp_path / "r")])
+    log = p.stdout + p.stderr
+    assert "6 training queries" in log
+    for reason in ("empty_query", "missing_query", "no_positive", "invalid_json"):
+        assert f"'{reason}': 1" in log, reason
+    # mostly bad: a clear error naming the file and line
+    data.write_text("\n".join(lines[:1] + lines[6:]) + "\n")
+    p = _run([*COMMON, "--data.train", str(data), "--run.steps", "1", "--run.out_dir", str(tmp_path / "s")],
+             check=False)
+    assert p.returncode == 1 and f"{data}:2" in p.stderr, p.stderr[-2000:]
+    p = _run([*COMMON, "--data.train", str(data), "--data.beir", str(tmp_path), "--run.steps", "1"], check=False)
+    assert p.returncode == 2 and "not both" in p.stderr
