@@ -90,3 +90,31 @@ def poison_empty(shape, device, dtype):
     """An allocator that fills outputs with garbage, so an element a kernel forgot to write shows."""
     t = torch.empty(shape, device=device, dtype=dtype)
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_entry(target: list[str], args, nproc: int = 1, env=None, check: bool = True, timeout: int = 300):
+    """Run `python -m X ARGS` (target ["-m", X]) or a script (target [path]) as users do: in a
+    subprocess, under torch.distributed.run when nproc > 1, offline. Raises with the output's
+    tail when it fails and check is set."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(free_port()), *target, *args]
+    else:
+        cmd = [sys.executable, *target, *args]
+    p = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p

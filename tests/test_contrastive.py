@@ -1,9 +1,5 @@
 """The contrastive objective against a plain transcription: HF transformers' LlamaModel on a
 dense, right-padded batch, an explicit query x passage similarity matrix, cross-entropy."""
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hf_reference_model, toy_template
+from conftest import hf_reference_model, run_entry, toy_template
 from llara_fast.contrastive import ContrastiveConfig, ContrastiveModule, info_nce, pooled_embeddings
 from llara_fast.data.packing import pack_encode_reference
 from llara_fast.hf import ours_to_hf
@@ -127,20 +123,11 @@ def test_loss_and_grads_match_hf_transcription_real_model(smollm2):
     _compare_grads({k: p.grad for k, p in model.named_parameters()}, _grads_hf(ref), rel=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cross_rank_negatives_two_processes_match_transcription(tmp_path):
     """2 gloo processes, 2 queries each, every query scored against all 12 passages of both ranks
     (all-gather with gradients) == the dense transcription over the 4 queries in one process."""
     out = tmp_path / "dist.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(ROOT / "tests" / "contrastive_dist.py"), str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ})
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_entry([str(ROOT / "tests" / "contrastive_dist.py")], [str(out)], nproc=2)
     got = torch.load(out)
     model, template = tiny_model()
     queries, passages = global_batch(template)

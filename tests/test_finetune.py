@@ -2,37 +2,19 @@
 negatives (1 process == 2 processes for the same global batch), exact resume after kill -9,
 LoRA merged on export, bad input skipped and counted."""
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_entry
+
 COMMON = ["--model.name", "debug", "--data.limit", "24", "--data.negatives", "2", "--optim.lr", "1e-3",
           "--optim.warmup_steps", "1", "--run.export", "false"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(args, nproc=1, env=None, check=True):
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), "-m", "llara_fast.finetune", *args]
-    else:
-        cmd = [sys.executable, "-m", "llara_fast.finetune", *args]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+    return run_entry(["-m", "llara_fast.finetune"], args, nproc, env, check)
 
 
 def _metrics(run_dir):

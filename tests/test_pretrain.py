@@ -1,14 +1,12 @@
 """The trainer end to end on CPU: FSDP over 2 gloo processes, exact resume after kill -9,
 and clear errors. Runs `llara_fast.pretrain` in subprocesses, as users do."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_entry
+
 COMMON = ["--model.name", "debug", "--data.token_budget", "500", "--optim.lr", "1e-3", "--optim.warmup_steps", "1"]
 
 
@@ -22,25 +20,8 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(args, nproc=1, env=None, check=True):
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), "-m", "llara_fast.pretrain", *args]
-    else:
-        cmd = [sys.executable, "-m", "llara_fast.pretrain", *args]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+    return run_entry(["-m", "llara_fast.pretrain"], args, nproc, env, check)
 
 
 def _metrics(run_dir):
