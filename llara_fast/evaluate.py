@@ -123,6 +123,22 @@ class BeirData:
     def problems(self) -> list[str]:
         return [f"{k.replace('_', ' ')}: {v}" for k, v in sorted(self.counts.items()) if v]
 
+    def subset(self, max_docs: int, seed: int = 0) -> "BeirData":
+        """A smaller corpus for quick comparisons: every document judged relevant to an evaluated
+        query, plus documents drawn at random (seeded) up to max_docs in all, in corpus order.
+        Scores on a subset are higher than on the full corpus; compare them only with each other."""
+        if max_docs <= 0 or max_docs >= len(self.doc_ids):
+            return self
+        keep = {d for q in self.query_ids for d, r in self.qrels[q].items() if r > 0}
+        keep &= set(self.doc_ids)
+        others = [d for d in self.doc_ids if d not in keep]
+        rng = np.random.default_rng(seed)
+        n_more = max(0, max_docs - len(keep))
+        keep |= {others[i] for i in rng.choice(len(others), min(n_more, len(others)), replace=False)}
+        pairs = [(d, t) for d, t in zip(self.doc_ids, self.doc_texts) if d in keep]
+        return BeirData([d for d, _ in pairs], [t for _, t in pairs], self.query_ids, self.query_texts, self.qrels,
+                        self.counts)
+
 
 _WHY = {
     "corpus_bad_line": "corpus.jsonl lines that are not a JSON object with an _id (skipped)",
@@ -310,6 +326,8 @@ def run_evaluation(args) -> dict:
 
     t_start = time.perf_counter()
     data = load_beir(args.beir, args.split)
+    full_docs = len(data.doc_ids)
+    data = data.subset(args.max_docs, args.seed)
     name = Path(args.beir).name
     print(f"{name} ({args.split}): {len(data.doc_ids)} documents, {len(data.query_ids)} queries to evaluate",
           file=sys.stderr)
@@ -337,6 +355,8 @@ def run_evaluation(args) -> dict:
     result = {
         "dataset": name, "split": args.split, "model": args.model, "device": str(enc.device),
         "dtype": str(enc.dtype).replace("torch.", ""), "documents": len(data.doc_ids),
+        "corpus": "full" if len(data.doc_ids) == full_docs else
+                  f"subset: relevant + random (seed {args.seed}), {len(data.doc_ids)} of {full_docs}",
         "queries": ev.n_queries, **{m: round(ev.means[m], 5) for m in METRICS},
         "counts": {k: v for k, v in sorted(counts.items()) if v},
         "timing": {
@@ -384,8 +404,8 @@ def format_report(r: dict) -> str:
     t = r["timing"]
     rows = [("metric", "value"), ("nDCG@10", f"{r['ndcg@10']:.4f}"), ("MRR@10", f"{r['mrr@10']:.4f}"),
             ("Recall@100", f"{r['recall@100']:.4f}")]
-    lines = [f"{r['dataset']} ({r['split']}), {r['model']}: {r['queries']} queries, {r['documents']} documents, "
-             f"{r['device']} {r['dtype']}", _table(rows),
+    lines = [f"{r['dataset']} ({r['split']}), {r['model']}: {r['queries']} queries, {r['documents']} documents "
+             f"({r.get('corpus', 'full')}), {r['device']} {r['dtype']}", _table(rows),
              f"passages: {t['encode_passages_s']:.1f}s, {t['passages_per_s']:.2f} passages/s, "
              f"{t['passage_tokens_per_s']:.0f} tokens/s ({t['passage_tokens']} tokens); queries "
              f"{t['encode_queries_s']:.1f}s; search {t['search_s']:.3f}s ({t['search_backend']}); "
@@ -417,6 +437,10 @@ def main(argv=None):
     ap.add_argument("--hf-baseline", type=int, default=0, metavar="N",
                     help="also time a padded transformers forward on the first N passages")
     ap.add_argument("--hf-batch-size", type=int, default=16)
+    ap.add_argument("--max-docs", type=int, default=0, metavar="N",
+                    help="quick comparisons: evaluate on a corpus of every relevant document plus random ones, "
+                         "N in all (0: the full corpus); reported in the result")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --max-docs draw")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if args.k < 100:

@@ -144,6 +144,15 @@ def test_load_scifact():
     assert not {k: v for k, v in data.counts.items() if k not in ("qrels_header", "queries_not_in_split")}
     with pytest.raises(FileNotFoundError, match="available splits: test, train"):
         load_beir(SCIFACT, "dev")
+    # --max-docs: every relevant document of an evaluated query stays; random others fill up
+    sub = data.subset(1000, seed=0)
+    relevant = {d for q in data.query_ids for d, r in data.qrels[q].items() if r > 0}
+    assert len(sub.doc_ids) == 1000 and relevant <= set(sub.doc_ids)
+    assert sub.doc_ids == [d for d in data.doc_ids if d in set(sub.doc_ids)]  # corpus order
+    assert dict(zip(sub.doc_ids, sub.doc_texts)) == {d: t for d, t in zip(data.doc_ids, data.doc_texts)
+                                                     if d in set(sub.doc_ids)}
+    assert data.subset(1000, seed=0).doc_ids == sub.doc_ids != data.subset(1000, seed=1).doc_ids
+    assert data.subset(0) is data and data.subset(10**6) is data
 
 
 # ---- CLI end to end -----------------------------------------------------------------------------
