@@ -261,8 +261,7 @@ def run(cfg: FinetuneConfig) -> dict:
     recs, counts, src = load_records(cfg, rank)
     records = tokenize_records(recs, tokenizer, cfg.data.query_max_len, cfg.data.passage_max_len)
     _log(rank, f"data: {len(records)} training queries from {src}" +
-         (f"; skipped: {dict(sorted((k, v) for k, v in counts.items() if k not in ('read', 'kept')))}"
-          if counts else ""))
+         (f"; counts: {dict(sorted((k, v) for k, v in counts.items() if v))}" if counts else ""))
     loader = ContrastiveLoader(records, template, cfg.data.queries, cfg.data.negatives, cfg.data.grad_accum,
                                cfg.data.seed, rank, world)
 
