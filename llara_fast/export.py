@@ -95,26 +95,29 @@ def load_training_checkpoint(path: str | os.PathLike, attn_backend: str = "auto"
 
         merge_lora(model)
     model.rope_inv_freq = rope_inv_freq(args)
-    tokenizer = checkpoint_tokenizer(cfg.get("model", {}).get("name", "smollm2-135m"))
+    tokenizer = checkpoint_tokenizer(cfg.get("model", {}).get("name", "smollm2-135m"),
+                                     cfg.get("model", {}).get("tokenizer", ""))
     prompts = PromptConfig(**cfg["prompts"]) if "prompts" in cfg else PromptConfig()
     return model, tokenizer, prompts
 
 
-def checkpoint_tokenizer(name: str):
-    """The tokenizer (with <s1>..<s16>) of the model a run started from: a preset / HF dir / GGUF,
-    or, for a run started from another run's checkpoint, that run's tokenizer."""
+def checkpoint_tokenizer(name: str, tokenizer: str = ""):
+    """The tokenizer (with <s1>..<s16>) a run trained with: its `model.tokenizer` when set, else
+    that of the model it started from (a preset / HF dir / GGUF, or, for a run started from
+    another run's checkpoint, that run's tokenizer)."""
     import tomllib
 
     from llara_fast.hf import add_special_tokens, load_tokenizer, resolve_source
 
-    if is_training_checkpoint(name):
+    if not tokenizer and is_training_checkpoint(name):
         parent = Path(name).parent.parent / "config.toml"
         if not parent.is_file():
             raise FileNotFoundError(f"{parent}: missing; needed for the tokenizer of checkpoint {name}")
-        return checkpoint_tokenizer(tomllib.loads(parent.read_text()).get("model", {}).get("name", "smollm2-135m"))
-    tokenizer = load_tokenizer(resolve_source(name) or resolve_source("smollm2-135m"))  # as hf.load_model
-    add_special_tokens(tokenizer)
-    return tokenizer
+        model_cfg = tomllib.loads(parent.read_text()).get("model", {})
+        return checkpoint_tokenizer(model_cfg.get("name", "smollm2-135m"), model_cfg.get("tokenizer", ""))
+    tok = load_tokenizer(tokenizer or resolve_source(name) or resolve_source("smollm2-135m"))  # as hf.load_model
+    add_special_tokens(tok)
+    return tok
 
 
 def read_prompts(path: str | os.PathLike) -> PromptConfig | None:

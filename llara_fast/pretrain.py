@@ -35,6 +35,8 @@ from llara_fast.loss import LossConfig
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"       # preset (see config.PRESETS), HF LLaMA directory, or .gguf file
+    tokenizer: str = ""              # tokenizer dir/file (e.g. a SentencePiece tokenizer.model); default: the
+                                     # model's own, or SmolLM2's for presets without weights
     layers: int = 0                  # keep only the first L blocks (0: all) — for quick runs and benchmarks
     attn: str = "auto"               # attention backend: auto, sdpa, torch_varlen, flash_attn
     ac: str = "none"                 # activation checkpointing: none, selective, full
@@ -392,7 +394,8 @@ def run(cfg: PretrainConfig) -> dict:
 
     # model + tokenizer
     torch.manual_seed(cfg.run.seed)
-    model, tokenizer = load_model(cfg.model.name, attn_backend=cfg.model.attn, seed=cfg.run.seed)
+    model, tokenizer = load_model(cfg.model.name, attn_backend=cfg.model.attn, seed=cfg.run.seed,
+                                  tokenizer_path=cfg.model.tokenizer or None)
     if cfg.model.layers:
         if not 0 < cfg.model.layers <= model.args.n_layers:
             raise ConfigError(f"model.layers must be in 1..{model.args.n_layers}, got {cfg.model.layers}")
@@ -405,7 +408,7 @@ def run(cfg: PretrainConfig) -> dict:
         data_dir = Path(cfg.data.dir)
     else:
         src = resolve_source(cfg.model.name)
-        tok_spec = str(src) if src is not None else "smollm2-135m"
+        tok_spec = cfg.model.tokenizer or (str(src) if src is not None else "smollm2-135m")
         data_dir = prepare_default_data(cfg, tok_spec, rank)
     dataset = ShardedDataset(data_dir, tokenizer=tokenizer)  # refuses data of another tokenizer
     loader = PackedLoader(dataset, template, min(cfg.data.max_len, dataset.max_len), budget,

@@ -90,3 +90,20 @@ def test_clear_errors(tmp_path, data_dir):
     p = _run([*COMMON, "--data.dir", str(data_dir), "--run.steps", "2", "--run.out_dir", str(run),
               "--run.resume", "true"], check=False)
     assert p.returncode != 0 and f"{ck}: unreadable checkpoint" in p.stderr
+
+
+def test_model_tokenizer_option(tmp_path):
+    """A preset without weights trained with another tokenizer (here the SentencePiece LLaMA
+    one): the data is prepared with it, the token ids fit the
+    embedding, and the checkpoint reloads with that tokenizer."""
+    from llara_fast.data.sources import sentencepiece_model_path
+    from llara_fast.export import load_source
+
+    spm = str(sentencepiece_model_path())
+    out = tmp_path / "run"
+    _run(["--model.name", "debug", "--model.tokenizer", spm, "--data.limit", "16", "--data.token_budget", "500",
+          "--run.steps", "1", "--run.out_dir", str(out)])
+    assert f'tokenizer = "{spm}"' in (out / "config.toml").read_text()
+    model, tok, _ = load_source(str(out / "checkpoints" / "step_0000001"))
+    assert len(tok) == 32016 <= model.args.vocab_size  # the debug preset keeps its 49,152 rows
+    assert tok.convert_tokens_to_ids("<s16>") == 32015
