@@ -292,7 +292,7 @@ def run(cfg: FinetuneConfig) -> dict:
                     f.write(json.dumps(rec) + "\n")
                 if step % cfg.run.log_every == 0 or step == steps:
                     _log(rank, f"step {step:5d} | loss {r.loss:.4f} | acc {r.accuracy:.3f} | gnorm {r.grad_norm:.3f} "
-                               f"| lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s {rec['queries_per_s']:.1f} q/s"
+                               f"| lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s {rec['queries_per_s']:.2f} q/s"
                                + (f" | mem {rec['mem_gb']:.1f} GB" if on_gpu else ""))
             bar.update(1)
             end_of_step(cfg, step, steps, out, module, optimizer, scheduler, loader, rank, model.args)
