@@ -97,7 +97,8 @@ def wiki_pairs(limit: int, negatives: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for i, (title, text) in enumerate(items):
-        neg = [items[j][1] for j in rng.choice(len(items), negatives + 1, replace=False) if j != i][:negatives]
+        draw = rng.choice(len(items), min(negatives + 1, len(items)), replace=False)
+        neg = [items[j][1] for j in draw if j != i][:negatives]
         out.append({"query": title, "pos": [text], "neg": neg})
     return out
 
@@ -141,6 +142,9 @@ class ContrastiveLoader:
             passages += [neg[int(j)] for j in rng.choice(len(neg), k, replace=False)]
         else:
             passages += list(neg)
+            if len(self.records) < 2:
+                raise ValueError(f"a query has {len(neg)} negatives, data.negatives asks for {k}, and there is no "
+                                 "other query whose positives could stand in; lower data.negatives")
             while len(passages) < 1 + k:  # top up with other queries' positives
                 r, j = self.pool[int(rng.integers(len(self.pool)))]
                 if r != i:

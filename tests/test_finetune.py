@@ -98,3 +98,39 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     assert p.returncode == 1 and f"{data}:2" in p.stderr, p.stderr[-2000:]
     p = _run([*COMMON, "--data.train", str(data), "--data.beir", str(tmp_path), "--run.steps", "1"], check=False)
     assert p.returncode == 2 and "not both" in p.stderr
+
+
+def test_loader_is_rank_independent_and_tops_up_negatives():
+    """The global step's groups are the same for 1 and 2 ranks; a query with too few negatives
+    is topped up with other queries' positives, never its own."""
+    from conftest import toy_template
+    from llara_fast.finetune import ContrastiveLoader
+
+    recs = [([i + 1], [[100 + i]], [[200 + i]] if i % 2 else []) for i in range(5)]
+    tpl = toy_template(300)
+
+    def groups(loader):
+        out = []
+        for mb in next(loader):
+            ids = mb.batch.input_ids.tolist()
+            cu = mb.batch.cu_seqlens_q.tolist()
+            texts = [ids[a + len(tpl.prefix_ids)] for a in cu[:-1]]  # first text token of each segment
+            q = mb.n_queries
+            out += [(texts[j], texts[q + j * mb.group:q + (j + 1) * mb.group]) for j in range(q)]
+        return out
+
+    one = ContrastiveLoader(recs, tpl, queries=4, negatives=2, seed=3)
+    r0 = ContrastiveLoader(recs, tpl, queries=2, negatives=2, seed=3, dp_rank=0, dp_world=2)
+    r1 = ContrastiveLoader(recs, tpl, queries=2, negatives=2, seed=3, dp_rank=1, dp_world=2)
+    for _ in range(3):  # crosses an epoch boundary (5 records, 4 queries per step)
+        g1 = groups(one)
+        assert g1 == groups(r0) + groups(r1)
+        for q, (pos, *negs) in g1:
+            assert pos == 99 + q and len(negs) == 2 and pos not in negs
+    state = one.state_dict()
+    want = groups(one)
+    again = ContrastiveLoader(recs, tpl, queries=4, negatives=2, seed=3)
+    again.load_state_dict(state)
+    assert groups(again) == want
+    with pytest.raises(ValueError, match="lower data.negatives"):
+        next(ContrastiveLoader(recs[:1], tpl, queries=1, negatives=2))
