@@ -181,14 +181,10 @@ class ContrastiveLoader:
                              f"run's ({len(self.records)} records, seed {self.seed})")
         self.slot = state["slot"]
 
-    wait_seconds = 0.0
 
-    def close(self):
-        pass
-
-
-def load_records(cfg: FinetuneConfig, rank: int) -> tuple[list[dict], Counter, str]:
-    """Training records as dicts, the skip counts, and a description of the source."""
+def load_records(cfg: FinetuneConfig) -> tuple[list[dict], Counter, str]:
+    """Training records as dicts, the skip counts, and a description of the source. Every rank
+    reads (or mines) the same records deterministically."""
     counts: Counter = Counter()
     d = cfg.data
     if d.train and d.beir:
@@ -262,7 +258,7 @@ def run(cfg: FinetuneConfig) -> dict:
     model, tokenizer, prompts = build_model(cfg)
     template = Template.from_tokenizer(tokenizer, prompts)
 
-    recs, counts, src = load_records(cfg, rank)
+    recs, counts, src = load_records(cfg)
     records = tokenize_records(recs, tokenizer, cfg.data.query_max_len, cfg.data.passage_max_len)
     _log(rank, f"data: {len(records)} training queries from {src}" +
          (f"; counts: {dict(sorted((k, v) for k, v in counts.items() if v))}" if counts else ""))
@@ -319,8 +315,8 @@ def export_run(module, model, tokenizer, prompts, out: Path, cfg: FinetuneConfig
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from llara_fast.export import export
-    from llara_fast.lora import merge_lora
-    from llara_fast.model import Transformer
+    from llara_fast.lora import apply_lora, merge_lora
+    from llara_fast.model import Transformer, rope_inv_freq
 
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     dst = out / "export"
@@ -329,14 +325,10 @@ def export_run(module, model, tokenizer, prompts, out: Path, cfg: FinetuneConfig
         with torch.device("meta"):
             plain = Transformer(args)
         if cfg.lora.rank > 0:
-            from llara_fast.lora import apply_lora
-
             apply_lora(plain, cfg.lora.rank, cfg.lora.alpha, 0.0, cfg.lora.targets)
         plain.load_state_dict({k.removeprefix("model."): v.float() for k, v in full.items()}, assign=True)
         if cfg.lora.rank > 0:
             merge_lora(plain)
-        from llara_fast.model import rope_inv_freq
-
         plain.rope_inv_freq = rope_inv_freq(args)
         export(plain, tokenizer, dst, prompts=prompts, source=f"{cfg.model.name} + llara_fast.finetune",
                overwrite=True)
