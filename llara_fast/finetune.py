@@ -240,8 +240,8 @@ def run(cfg: FinetuneConfig) -> dict:
     from llara_fast.contrastive import ContrastiveModule, contrastive_step
     from llara_fast.data.templates import Template
     from llara_fast.lora import apply_lora
-    from llara_fast.pretrain import (NonfiniteGuard, _log, end_of_step, init_run, latest_checkpoint, setup_training,
-                                     to_toml)
+    from llara_fast.pretrain import (NonfiniteGuard, _log, end_of_step, init_run, latest_checkpoint, record_step,
+                                     setup_training, to_toml)
 
     rank, world, device, dtype = init_run(cfg)
     on_gpu = device.type == "cuda"
@@ -287,13 +287,10 @@ def run(cfg: FinetuneConfig) -> dict:
                    "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
                    "skipped": r.skipped}
             last = rec
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if step % cfg.run.log_every == 0 or step == steps:
-                    _log(rank, f"step {step:5d} | loss {r.loss:.4f} | acc {r.accuracy:.3f} | gnorm {r.grad_norm:.3f} "
-                               f"| lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s {rec['queries_per_s']:.2f} q/s"
-                               + (f" | mem {rec['mem_gb']:.1f} GB" if on_gpu else ""))
+            record_step(rank, metrics_path, rec, step % cfg.run.log_every == 0 or step == steps,
+                        f"step {step:5d} | loss {r.loss:.4f} | acc {r.accuracy:.3f} | gnorm {r.grad_norm:.3f} "
+                        f"| lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s {rec['queries_per_s']:.2f} q/s"
+                        + (f" | mem {rec['mem_gb']:.1f} GB" if on_gpu else ""))
             bar.update(1)
             end_of_step(cfg, step, steps, out, module, optimizer, scheduler, loader, rank, model.args)
     except torch.cuda.OutOfMemoryError as e:

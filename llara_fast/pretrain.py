@@ -316,6 +316,15 @@ class NonfiniteGuard:
                                f"checkpoint is {latest_checkpoint(self.out)}; lower optim.lr or check the data")
 
 
+def record_step(rank: int, metrics_path: Path, rec: dict, show: bool, line: str):
+    """Rank 0 appends the step's record to metrics.jsonl and, when `show`, prints its log line."""
+    if rank == 0:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if show:
+            _log(rank, line)
+
+
 def end_of_step(cfg, step: int, steps: int, out: Path, module, optimizer, scheduler, loader, rank: int, model_args):
     """Checkpoint every run.ckpt_every steps and at the end; then the kill -9 fault injection of
     the resume tests (LLARA_FAST_CRASH_AT_STEP)."""
@@ -439,15 +448,12 @@ def run(cfg: PretrainConfig) -> dict:
                    "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
                    "loader_wait_s": loader.wait_seconds, "skipped": r.skipped, "data_hash": r.data_hash}
             last = rec
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if step % cfg.run.log_every == 0 or step == steps:
-                    _log(rank, f"step {step:5d} | loss {r.loss:.4f} (lm {r.lm:.4f} ebae {r.ebae:.4f} ebar "
-                               f"{r.ebar:.4f}) | gnorm {r.grad_norm:.3f} | lr {rec['lr']:.2e} | "
-                               f"{rec['tokens_per_s']:.0f} tok/s {rec['passages_per_s']:.1f} psg/s | "
-                               f"{rec['tflops']:.2f} TFLOP/s" + (f" MFU {rec['mfu']:.1%}" if rec["mfu"] else "")
-                               + (f" | mem {rec['mem_gb']:.1f} GB" if on_gpu else ""))
+            record_step(rank, metrics_path, rec, step % cfg.run.log_every == 0 or step == steps,
+                        f"step {step:5d} | loss {r.loss:.4f} (lm {r.lm:.4f} ebae {r.ebae:.4f} ebar "
+                        f"{r.ebar:.4f}) | gnorm {r.grad_norm:.3f} | lr {rec['lr']:.2e} | "
+                        f"{rec['tokens_per_s']:.0f} tok/s {rec['passages_per_s']:.1f} psg/s | "
+                        f"{rec['tflops']:.2f} TFLOP/s" + (f" MFU {rec['mfu']:.1%}" if rec["mfu"] else "")
+                        + (f" | mem {rec['mem_gb']:.1f} GB" if on_gpu else ""))
             bar.update(1)
             end_of_step(cfg, step, steps, out, module, optimizer, scheduler, loader, rank, args)
     except torch.cuda.OutOfMemoryError as e:
