@@ -130,38 +130,16 @@ def parse_args(argv=None):
 
 # ---- model and data ------------------------------------------------------------------------------
 def load(a):
-    """(model fp32 on the host, tokenizer), as pretrain loads it; --layers keeps the first L blocks.
-    A preset without shipped weights (or with --random-init) is built with L blocks directly and
-    random-initialised (load_model's random path, without allocating the blocks it would drop)."""
+    """(model fp32 on the host, tokenizer), as pretrain loads it; --layers keeps the first L blocks
+    (a random model is built with L blocks directly, without allocating the ones it would drop)."""
     from llara_fast.hf import load_model
 
     torch.manual_seed(a.seed)
-    if a.model in PRESETS and (PRESETS[a.model].weights is None or a.random_init):
-        return _random_preset(a)
-    model, tok = load_model(a.model, attn_backend=a.attn, seed=a.seed, tokenizer_path=a.tokenizer)
-    if a.layers:
-        if not 0 < a.layers <= model.args.n_layers:
-            sys.exit(f"--layers must be in 1..{model.args.n_layers}, got {a.layers}")
-        del model.layers[a.layers:]
-        model.args.n_layers = a.layers
-    return model, tok
-
-
-def _random_preset(a):
-    from llara_fast.hf import add_special_tokens, grow_embeddings, load_tokenizer, resolve_source
-    from llara_fast.model import Transformer
-
-    args = ModelArgs.from_preset(a.model, weights=None)
-    if a.layers:
-        if not 0 < a.layers <= args.n_layers:
-            sys.exit(f"--layers must be in 1..{args.n_layers}, got {a.layers}")
-        args.n_layers = a.layers
-    model = Transformer(args, attn_backend=a.attn)
-    model.init_weights(seed=a.seed)
-    tok = load_tokenizer(a.tokenizer or resolve_source("smollm2-135m"))
-    ids = add_special_tokens(tok)
-    grow_embeddings(model, max(len(tok), ids[-1] + 1))  # the table sized to the tokenizer, as load_model does
-    return model, tok
+    try:
+        return load_model(a.model, attn_backend=a.attn, seed=a.seed, tokenizer_path=a.tokenizer,
+                          random_init=a.random_init, layers=a.layers)
+    except ValueError as e:
+        sys.exit(f"--model/--layers/--random-init: {e}")
 
 
 def wiki_examples(tokenizer, template: Template, n: int, max_len: int) -> list[Example]:

@@ -295,19 +295,30 @@ def _hf_name(k: str) -> str:
     return _map_key(k, _OURS_TO_HF) or k
 
 
-def load_model(spec: str, attn_backend: str = "auto", seed: int = 0, tokenizer_path: str | None = None):
+def load_model(spec: str, attn_backend: str = "auto", seed: int = 0, tokenizer_path: str | None = None,
+               random_init: bool = False, layers: int = 0):
     """(model, tokenizer) ready for LLaRA: weights from a preset / HF dir / GGUF (random init for
-    presets without weights), the 16 special tokens added and the embedding grown to match."""
+    presets without weights, or for any preset with ``random_init``: speed runs on machines without
+    the weights package), the 16 special tokens added and the embedding grown to match.
+    ``layers`` keeps the first L blocks (0: all); a random model is built with L blocks directly."""
     from llara_fast.config import PRESETS
 
-    src = resolve_source(spec)
+    if random_init and spec not in PRESETS:
+        raise ValueError(f"{spec}: random_init takes a preset ({', '.join(PRESETS)}), not a checkpoint")
+    src = None if random_init else resolve_source(spec)
     if src is None:
-        args = ModelArgs.from_preset(spec)
+        args = ModelArgs.from_preset(spec, weights=None)
+        _check_layers(layers, args.n_layers)
+        args.n_layers = layers or args.n_layers
         model = Transformer(args, attn_backend=attn_backend)
         model.init_weights(seed=seed)
         tok_src = tokenizer_path or resolve_source("smollm2-135m")
     else:
         model = load_hf_model(src, attn_backend=attn_backend)
+        _check_layers(layers, model.args.n_layers)
+        if layers:
+            del model.layers[layers:]
+            model.args.n_layers = layers
         tok_src = tokenizer_path or src
     tokenizer = load_tokenizer(tok_src)
     ids = add_special_tokens(tokenizer)
@@ -317,3 +328,8 @@ def load_model(spec: str, attn_backend: str = "auto", seed: int = 0, tokenizer_p
     elif need > model.args.vocab_size:
         grow_embeddings(model, need)
     return model, tokenizer
+
+
+def _check_layers(layers: int, n_layers: int) -> None:
+    if not 0 <= layers <= n_layers:
+        raise ValueError(f"layers must be in 1..{n_layers} (0: all), got {layers}")

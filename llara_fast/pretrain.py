@@ -38,6 +38,8 @@ class ModelConfig:
     tokenizer: str = ""              # tokenizer dir/file (e.g. a SentencePiece tokenizer.model); default: the
                                      # model's own, or SmolLM2's for presets without weights
     layers: int = 0                  # keep only the first L blocks (0: all) — for quick runs and benchmarks
+    random_init: bool = False        # a preset's shape with random weights, even if it ships weights (speed
+                                     # runs where the weights package is absent; pair with `tokenizer`)
     attn: str = "auto"               # attention backend: auto, sdpa, torch_varlen, flash_attn
     ac: str = "none"                 # activation checkpointing: none, selective, full
     compile: bool = False            # torch.compile each block
@@ -404,19 +406,15 @@ def run(cfg: PretrainConfig) -> dict:
     # model + tokenizer
     torch.manual_seed(cfg.run.seed)
     model, tokenizer = load_model(cfg.model.name, attn_backend=cfg.model.attn, seed=cfg.run.seed,
-                                  tokenizer_path=cfg.model.tokenizer or None)
-    if cfg.model.layers:
-        if not 0 < cfg.model.layers <= model.args.n_layers:
-            raise ConfigError(f"model.layers must be in 1..{model.args.n_layers}, got {cfg.model.layers}")
-        del model.layers[cfg.model.layers:]
-        model.args.n_layers = cfg.model.layers
+                                  tokenizer_path=cfg.model.tokenizer or None,
+                                  random_init=cfg.model.random_init, layers=cfg.model.layers)
     template = Template.from_tokenizer(tokenizer)
 
     # data
     if cfg.data.dir:
         data_dir = Path(cfg.data.dir)
     else:
-        src = resolve_source(cfg.model.name)
+        src = None if cfg.model.random_init else resolve_source(cfg.model.name)
         tok_spec = cfg.model.tokenizer or (str(src) if src is not None else "smollm2-135m")
         data_dir = prepare_default_data(cfg, tok_spec, rank)
     dataset = ShardedDataset(data_dir, tokenizer=tokenizer)  # refuses data of another tokenizer

@@ -1,6 +1,7 @@
 """The trainer end to end on CPU: FSDP over 2 gloo processes, exact resume after kill -9,
 and clear errors. Runs `llara_fast.pretrain` in subprocesses, as users do."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,19 @@ def test_model_tokenizer_option(tmp_path):
     model, tok, _ = load_source(str(out / "checkpoints" / "step_0000001"))
     assert len(tok) == 32016 <= model.args.vocab_size  # the debug preset keeps its 49,152 rows
     assert tok.convert_tokens_to_ids("<s16>") == 32015
+
+
+def test_random_init_preset(tmp_path):
+    """`model.random_init` trains a weights-shipping preset's shape from random weights (the speed
+    runs on a GPU machine without the weights package); the checkpoint reloads at L blocks."""
+    from llara_fast.export import load_source
+
+    out = tmp_path / "run"
+    _run(["--model.name", "smollm2-135m", "--model.random_init", "true", "--model.layers", "1",
+          "--data.limit", "16", "--data.token_budget", "500", "--run.steps", "2", "--run.out_dir", str(out)])
+    assert "random_init = true" in (out / "config.toml").read_text()
+    first = _metrics(out)[0]
+    for part in ("lm", "ebae", "ebar"):  # near-uniform logits at random init (1 real block gives 15-22)
+        assert first[part] == pytest.approx(math.log(49168), abs=0.3), part
+    model, tok, _ = load_source(str(out / "checkpoints" / "step_0000002"))
+    assert model.args.n_layers == 1 and model.args.dim == 576 and len(tok) == 49168

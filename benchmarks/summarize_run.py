@@ -1,0 +1,83 @@
+"""Summarise a training run's metrics.jsonl (pretrain or finetune) as one markdown table row.
+
+    python benchmarks/summarize_run.py RUN_DIR [RUN_DIR ...] [--skip 10]
+
+Rates are medians over the steps after the first --skip (warm-up: Triton autotuning, allocator
+growth, compile). Columns that a run did not measure (MFU and memory on CPU) print as "-".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tomllib
+from pathlib import Path
+
+COLUMNS = ("run", "model", "layers", "steps", "tokens/step", "tokens/s", "passages/s", "TFLOP/s", "MFU",
+           "peak GiB", "loss first→last")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The per-step records of RUN/metrics.jsonl, the latest of each step (a resumed run repeats
+    the steps after its checkpoint), in step order."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (is {run_dir} a pretrain/finetune run directory?)")
+    by_step = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if "step" in rec:
+            by_step[rec["step"]] = rec
+    if not by_step:
+        raise ValueError(f"{path}: no step records")
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def _median(recs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in recs if r.get(key) is not None and not r.get("skipped")]
+    return statistics.median(vals) if vals else None
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def summarize(run_dir: Path, skip: int) -> list[str]:
+    recs = read_metrics(run_dir)
+    timed = recs[skip:] if len(recs) > skip else recs[-1:]
+    cfg = tomllib.loads((run_dir / "config.toml").read_text()) if (run_dir / "config.toml").is_file() else {}
+    model = cfg.get("model", {})
+    mfu = _median(timed, "mfu")
+    mem = max((r["mem_gb"] for r in timed if r.get("mem_gb") is not None), default=None)
+    return [run_dir.name, str(model.get("name", "?")) + (" (random init)" if model.get("random_init") else ""),
+            str(model.get("layers") or "all"), f"{len(recs)} ({len(timed)} timed)",
+            _fmt(_median(timed, "tokens"), ",.0f"), _fmt(_median(timed, "tokens_per_s"), ",.0f"),
+            _fmt(_median(timed, "passages_per_s"), ",.1f"), _fmt(_median(timed, "tflops"), ".3g"),
+            _fmt(None if mfu is None else 100 * mfu, ".1f") + ("%" if mfu is not None else ""),
+            _fmt(mem, ".1f"), f"{recs[0]['loss']:.3f}→{recs[-1]['loss']:.3f}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
+    ap.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the medians")
+    a = ap.parse_args(argv)
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for run in a.runs:
+        try:
+            print("| " + " | ".join(summarize(run, a.skip)) + " |")
+        except (FileNotFoundError, ValueError) as e:
+            print(f"summarize_run: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
