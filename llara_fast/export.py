@@ -57,7 +57,6 @@ def load_training_checkpoint(path: str | os.PathLike, attn_backend: str = "auto"
     import torch.distributed.checkpoint as dcp
 
     from llara_fast.config import ModelArgs
-    from llara_fast.model import Transformer, rope_inv_freq
 
     path = Path(path)
     if not (path / "COMPLETE").is_file():
@@ -71,13 +70,7 @@ def load_training_checkpoint(path: str | os.PathLike, attn_backend: str = "auto"
         raise FileNotFoundError(f"{path / 'rank0.pt'}: missing (it records the checkpoint's ModelArgs)")
     extra = torch.load(path / "rank0.pt", map_location="cpu", weights_only=False)
     args = ModelArgs(**extra["model_args"])
-    lora = cfg.get("lora", {})
-    with torch.device("meta"):
-        model = Transformer(args, attn_backend=attn_backend)
-        if lora.get("rank", 0) > 0:  # a LoRA fine-tuning run: same keys plus the adapters
-            from llara_fast.lora import apply_lora
-
-            apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
+    model = meta_model(args, cfg.get("lora"), attn_backend)
     state = {"model": {f"model.{k}": torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}}
     try:
         with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": a single-process read
@@ -89,16 +82,37 @@ def load_training_checkpoint(path: str | os.PathLike, attn_backend: str = "auto"
         why = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         raise ValueError(f"{path}: unreadable training checkpoint for ModelArgs {args} "
                          f"({type(e).__name__}: {why[-1] if why else ''})") from None
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()}, assign=True)
-    if lora.get("rank", 0) > 0:
-        from llara_fast.lora import merge_lora
-
-        merge_lora(model)
-    model.rope_inv_freq = rope_inv_freq(args)
+    materialise(model, state["model"])
     tokenizer = checkpoint_tokenizer(cfg.get("model", {}).get("name", "smollm2-135m"),
                                      cfg.get("model", {}).get("tokenizer", ""))
     prompts = PromptConfig(**cfg["prompts"]) if "prompts" in cfg else PromptConfig()
     return model, tokenizer, prompts
+
+
+def meta_model(args, lora: dict | None = None, attn_backend: str = "auto"):
+    """A Transformer on the meta device shaped as a training run saved it: with the LoRA adapters
+    when the run used them (``lora``: the run's [lora] section, rank > 0)."""
+    from llara_fast.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args, attn_backend=attn_backend)
+        if lora and lora.get("rank", 0) > 0:  # same keys as the plain model, plus the adapters
+            from llara_fast.lora import apply_lora
+
+            apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
+    return model
+
+
+def materialise(model, state: dict):
+    """Assign ``state`` (the trainer's keys; a "model." prefix is dropped) to a ``meta_model``,
+    fold any LoRA adapters into plain weights and set the RoPE buffer. Returns the model."""
+    from llara_fast.lora import merge_lora
+    from llara_fast.model import rope_inv_freq
+
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
+    merge_lora(model)  # no-op without adapters
+    model.rope_inv_freq = rope_inv_freq(model.args)
+    return model
 
 
 def checkpoint_tokenizer(name: str, tokenizer: str = ""):

@@ -311,22 +311,13 @@ def export_run(module, model, tokenizer, prompts, out: Path, cfg: FinetuneConfig
     """RUN/export: an HF directory of the fine-tuned weights (LoRA merged), from the full state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from llara_fast.export import export
-    from llara_fast.lora import apply_lora, merge_lora
-    from llara_fast.model import Transformer, rope_inv_freq
+    from llara_fast.export import export, materialise, meta_model
 
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     dst = out / "export"
     if rank == 0:
-        args = dataclasses.replace(model.args)
-        with torch.device("meta"):
-            plain = Transformer(args)
-        if cfg.lora.rank > 0:
-            apply_lora(plain, cfg.lora.rank, cfg.lora.alpha, 0.0, cfg.lora.targets)
-        plain.load_state_dict({k.removeprefix("model."): v.float() for k, v in full.items()}, assign=True)
-        if cfg.lora.rank > 0:
-            merge_lora(plain)
-        plain.rope_inv_freq = rope_inv_freq(args)
+        plain = meta_model(dataclasses.replace(model.args), dataclasses.asdict(cfg.lora))
+        materialise(plain, {k: v.float() for k, v in full.items()})
         export(plain, tokenizer, dst, prompts=prompts, source=f"{cfg.model.name} + llara_fast.finetune",
                overwrite=True)
     dist.barrier()
