@@ -79,6 +79,7 @@ from llara_fast.config import PRESETS, ModelArgs, mfu, peak_tflops_for  # noqa: 
 from llara_fast.data.packing import Example, example_num_tokens, pack_greedy  # noqa: E402
 from llara_fast.data.templates import Template  # noqa: E402
 from llara_fast.loss import LossConfig  # noqa: E402
+from llara_fast.runtime import tune_cpu_malloc  # noqa: E402
 
 MiB = 2**20
 
@@ -315,6 +316,8 @@ def main(argv=None) -> dict:
     load0 = round(os.getloadavg()[0], 2)  # other processes competing for the cores (CPU runs)
     device = torch.device(a.device, torch.cuda.current_device()) if a.device == "cuda" else torch.device("cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    # CPU: the glibc settings pretrain runs with, process-wide, so both implementations get them
+    malloc_tuned = device.type == "cpu" and tune_cpu_malloc()
     t_setup = time.perf_counter()
     model, tok = load(a)
     template = Template.from_tokenizer(tok)
@@ -359,7 +362,7 @@ def main(argv=None) -> dict:
             "warmup": a.warmup, "ref_precision": a.ref_precision if dtype != torch.float32 else "fp32",
             "attn": a.attn, "loss_impl": a.loss_impl, "compile": a.compile, "ac": a.ac,
             "mean_passage_tokens": round(float(np.mean([len(e.text_ids) for e in examples])), 1),
-            "peak_bf16_tflops": peak, "load_avg_1m_at_start": load0}
+            "peak_bf16_tflops": peak, "load_avg_1m_at_start": load0, "malloc_tuned": malloc_tuned}
     print_table(meta, results, ratio)
     rec = {"bench": "throughput", **meta, "command": cmd, "setup_s": round(setup_s, 2),
            "versions": {**versions(), "transformers": _transformers_version()}, "step_accounting": acct[a.warmup], "results": results, "ratio_passages_per_s": ratio}
