@@ -144,14 +144,23 @@ def read_prompts(path: str | os.PathLike) -> PromptConfig | None:
     return PromptConfig(**meta["prompts"])
 
 
-def load_source(spec: str, attn_backend: str = "auto"):
+def load_source(spec: str, attn_backend: str = "auto", *, tokenizer: str | None = None, random_init: bool = False,
+                layers: int = 0, seed: int = 0):
     """(model, tokenizer, prompts) for a preset, HF directory, .gguf file or training checkpoint;
-    the tokenizer holds <s1>..<s16> and the embedding has their rows."""
-    from llara_fast.hf import load_model
+    the tokenizer holds <s1>..<s16> and the embedding has their rows. ``tokenizer``,
+    ``random_init``, ``layers`` and ``seed`` as in hf.load_model; a training checkpoint brings its
+    own weights and tokenizer, so it takes only ``layers``."""
+    from llara_fast.hf import keep_layers, load_model
 
     if is_training_checkpoint(spec):
-        return load_training_checkpoint(spec, attn_backend)
-    model, tok = load_model(spec, attn_backend=attn_backend)
+        if tokenizer or random_init:
+            raise ValueError(f"{spec}: a training checkpoint brings its own weights and tokenizer; "
+                             "drop the tokenizer / random_init setting")
+        model, tok, prompts = load_training_checkpoint(spec, attn_backend)
+        keep_layers(model, layers)
+        return model, tok, prompts
+    model, tok = load_model(spec, attn_backend=attn_backend, seed=seed, tokenizer_path=tokenizer,
+                            random_init=random_init, layers=layers)
     prompts = (read_prompts(spec) if Path(spec).is_dir() else None) or PromptConfig()
     return model, tok, prompts
 

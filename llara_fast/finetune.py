@@ -225,13 +225,9 @@ def tokenize_records(recs: list[dict], tokenizer, q_len: int, p_len: int):
 def build_model(cfg: FinetuneConfig):
     from llara_fast.export import load_source
 
-    model, tokenizer, prompts = load_source(cfg.model.name, attn_backend=cfg.model.attn)
-    if cfg.model.layers:
-        if not 0 < cfg.model.layers <= model.args.n_layers:
-            raise ConfigError(f"model.layers must be in 1..{model.args.n_layers}, got {cfg.model.layers}")
-        del model.layers[cfg.model.layers:]
-        model.args.n_layers = cfg.model.layers
-    return model, tokenizer, prompts
+    m = cfg.model
+    return load_source(m.name, attn_backend=m.attn, tokenizer=m.tokenizer or None, random_init=m.random_init,
+                       layers=m.layers, seed=cfg.run.seed)
 
 
 def run(cfg: FinetuneConfig) -> dict:

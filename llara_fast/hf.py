@@ -314,11 +314,7 @@ def load_model(spec: str, attn_backend: str = "auto", seed: int = 0, tokenizer_p
         model.init_weights(seed=seed)
         tok_src = tokenizer_path or resolve_source("smollm2-135m")
     else:
-        model = load_hf_model(src, attn_backend=attn_backend)
-        _check_layers(layers, model.args.n_layers)
-        if layers:
-            del model.layers[layers:]
-            model.args.n_layers = layers
+        model = keep_layers(load_hf_model(src, attn_backend=attn_backend), layers)
         tok_src = tokenizer_path or src
     tokenizer = load_tokenizer(tok_src)
     ids = add_special_tokens(tokenizer)
@@ -333,3 +329,12 @@ def load_model(spec: str, attn_backend: str = "auto", seed: int = 0, tokenizer_p
 def _check_layers(layers: int, n_layers: int) -> None:
     if not 0 <= layers <= n_layers:
         raise ValueError(f"layers must be in 1..{n_layers} (0: all), got {layers}")
+
+
+def keep_layers(model: Transformer, layers: int) -> Transformer:
+    """Keep the first ``layers`` blocks of a loaded model (0: all); quick runs and benchmarks."""
+    _check_layers(layers, model.args.n_layers)
+    if layers:
+        del model.layers[layers:]
+        model.args.n_layers = layers
+    return model

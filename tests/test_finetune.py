@@ -100,6 +100,26 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     assert p.returncode == 2 and "not both" in p.stderr
 
 
+def test_model_tokenizer_and_checkpoint_sources(tmp_path):
+    """`model.tokenizer` is honoured (a preset without weights over the SentencePiece tokenizer:
+    the export carries it); a training checkpoint brings its own tokenizer, so giving one is
+    refused; `model.layers` cuts a checkpoint source too."""
+    from llara_fast.data.sources import sentencepiece_model_path
+    from llara_fast.export import load_source
+
+    spm = str(sentencepiece_model_path())
+    out = tmp_path / "spm"
+    _run([*COMMON, "--model.tokenizer", spm, "--run.steps", "1", "--run.out_dir", str(out), "--run.export", "true"])
+    _, tok, _ = load_source(str(out / "export"))
+    assert len(tok) == 32016 and tok.convert_tokens_to_ids("<s1>") == 32000
+    ck = str(out / "checkpoints" / "step_0000001")
+    p = _run([*COMMON, "--model.name", ck, "--model.tokenizer", spm, "--run.steps", "1",
+              "--run.out_dir", str(tmp_path / "x")], check=False)
+    assert p.returncode == 1 and "brings its own weights and tokenizer" in p.stderr, p.stderr[-2000:]
+    model, tok2, _ = load_source(ck, layers=1)
+    assert model.args.n_layers == len(model.layers) == 1 and len(tok2) == 32016
+
+
 def test_loader_is_rank_independent_and_tops_up_negatives():
     """The global step's groups are the same for 1 and 2 ranks; a query with too few negatives
     is topped up with other queries' positives, never its own."""
