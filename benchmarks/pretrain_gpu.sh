@@ -7,8 +7,10 @@
 #            package does not fit the carry, and throughput does not depend on the values;
 #   larger   llama2-7b cut to 8 blocks (~2.0 B parameters), LLaMA SentencePiece tokenizer.
 #
-#   benchmarks/pretrain_gpu.sh stage   # here, with the venv: writes .bench_assets/ (~9 MB, ignored)
+#   benchmarks/pretrain_gpu.sh stage   # here, with the venv: writes .bench_assets/ (11 MB, ignored)
 #   benchmarks/pretrain_gpu.sh run     # there, carrying .bench_assets: runs both, results in $OUT
+#   benchmarks/pretrain_gpu.sh attn    # there: the GPU attention tests, then throughput.py (ours)
+#                                      # with torch_varlen vs the opt-in flex backend, llama2-7b L8
 #
 # device call:  run(command="bash benchmarks/pretrain_gpu.sh run", carry=[".bench_assets"])
 # Sizes from the environment: DEFAULT_STEPS (200) LARGER_STEPS (60) LARGER_LAYERS (8) SKIP (10),
@@ -43,7 +45,7 @@ run() {
   [ -d "$ASSETS/smollm2-tokenizer" ] || { echo "no $ASSETS: run '$0 stage' here and carry it" >&2; exit 2; }
   local out=${OUT:-/tmp/pretrain_gpu_out} runs=${RUNS_DIR:-/tmp/pretrain_gpu_runs}
   mkdir -p "$out" "$runs"
-  export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+  export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LLARA_FAST_WIKI_SAMPLE="$ASSETS/summaries_en-us.json"
   "$PY" setup.py -q build_ext --inplace >"$out/build.log" 2>&1 \
     || echo "C++ packer did not build (see build.log): the Python packer feeds the runs"
   local smoke=()
@@ -68,8 +70,26 @@ run() {
   "$PY" benchmarks/summarize_run.py "$runs/default" "$runs/larger" --skip "$skip" | tee -a "$out/summary.md"
 }
 
+attn() {
+  [ -d "$ASSETS/smollm2-tokenizer" ] || { echo "no $ASSETS: run '$0 stage' here and carry it" >&2; exit 2; }
+  local out=${OUT:-/tmp/pretrain_gpu_out}
+  mkdir -p "$out"
+  export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LLARA_FAST_WIKI_SAMPLE="$ASSETS/summaries_en-us.json"
+  "$PY" -m pytest -q tests/test_attention.py 2>&1 | tail -5 | tee "$out/attn-tests.log"
+  local common=(--model llama2-7b --layers "${LARGER_LAYERS:-8}" --tokenizer "$ASSETS/tokenizer.model.v1" --impl ours)
+  [ "${SMOKE:-0}" = 1 ] && common=(--model debug --impl ours --steps 1 --warmup 0 --device cpu)
+  for data in "" --synthetic; do
+    for backend in torch_varlen flex; do
+      echo "== attn $backend ${data:-wiki}" | tee -a "$out/attn.log"
+      "$PY" benchmarks/throughput.py "${common[@]}" --attn "$backend" $data 2>&1 | grep -v '^{' \
+        | tee -a "$out/attn.log" || echo "(failed)" | tee -a "$out/attn.log"
+    done
+  done
+}
+
 case "${1:-}" in
   stage) stage ;;
   run) run ;;
-  *) echo "usage: $0 stage|run" >&2; exit 2 ;;
+  attn) attn ;;
+  *) echo "usage: $0 stage|run|attn" >&2; exit 2 ;;
 esac

@@ -8,6 +8,11 @@ j <= i + len_k - len_q (bottom-right-aligned causal).
 - ``flash_attn``:   Dao-AILab flash_attn_varlen_func (optional package, CUDA).
 - ``torch_varlen``: torch.nn.attention.varlen.varlen_attn (CUDA builds of torch >= 2.10).
 - ``sdpa``:         per-example dense mask + F.scaled_dot_product_attention; CPU path and reference.
+- ``flex``:         torch.nn.attention.flex_attention over the token stream itself, the mask
+                    rule derived from the segments (no K/V gather); compiled, CUDA only for
+                    training (no CPU backward; its CPU forward, eager and dense, is what the CPU
+                    tests check). Opt-in: ``auto`` never picks it; its GPU speed against
+                    torch_varlen is still to be measured (benchmarks/throughput.py --attn flex).
 """
 from __future__ import annotations
 
@@ -28,7 +33,12 @@ try:
 except Exception:
     varlen_attn = None
 
-BACKENDS = ("auto", "sdpa", "torch_varlen", "flash_attn")
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except Exception:
+    create_block_mask = flex_attention = None
+
+BACKENDS = ("auto", "sdpa", "torch_varlen", "flash_attn", "flex")
 
 
 def available_backends(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
@@ -41,6 +51,8 @@ def available_backends(device: torch.device | str, dtype: torch.dtype | None = N
         if varlen_attn is not None:
             out.append("torch_varlen")
     out.append("sdpa")
+    if dev.type == "cuda" and flex_attention is not None:  # last: opt-in only
+        out.append("flex")
     return out
 
 
@@ -54,6 +66,7 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
         why = {
             "flash_attn": "needs a CUDA device, fp16/bf16 and the flash-attn package (pip install 'llara-fast[flash]')",
             "torch_varlen": "needs a CUDA device, fp16/bf16 and torch >= 2.10 (torch.nn.attention.varlen)",
+            "flex": "needs a CUDA device (flex_attention has no CPU backward) and torch >= 2.5",
         }[name]
         raise RuntimeError(f"attention backend {name!r} is unavailable on {device}: {why}")
     return name
@@ -70,14 +83,18 @@ class AttnMeta:
     k_index: torch.Tensor
     # sdpa only: per example (token start, token end, bool mask (L, L) or None for plain causal).
     blocks: list | None = None
+    # flex only: the BlockMask over (token, token) of the stream.
+    block_mask: object | None = None
 
 
 def build_meta(batch, backend: str) -> AttnMeta:
-    blocks = None
+    blocks = block_mask = None
     if backend == "sdpa":
         blocks = _example_blocks(batch)
+    elif backend == "flex":
+        block_mask = _flex_block_mask(batch)
     return AttnMeta(backend, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q,
-                    batch.max_seqlen_k, batch.k_index, blocks)
+                    batch.max_seqlen_k, batch.k_index, blocks, block_mask)
 
 
 def _example_blocks(batch) -> list:
@@ -120,6 +137,61 @@ def _example_blocks(batch) -> list:
             rows[:, keys - a] = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)  # (lq, lk)
         blocks.append((a, b, mask.to(dev)))
     return blocks
+
+
+def flex_mask_tensors(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Tensor, n: int):
+    """(seg, ext) over the n tokens of the stream such that query token q sees token kv iff
+    ``(seg[kv] == seg[q] and kv <= q) or ext[kv] == seg[q]``.
+
+    seg[t] is the segment that has t among its queries; ext[t] is the segment (or -1) that has
+    t among its keys without it being one of its queries: the BOS..TEXT context of a branch
+    segment. This is the segments' bottom-right-aligned causal rule exactly when each segment's
+    key list ends with its own queries in order and a token is an outside key of at most one
+    segment, which the packers produce and which is checked here (one host sync per batch)."""
+    dev = k_index.device
+    cu_q, cu_k = cu_q.to(dev, torch.int64), cu_k.to(dev, torch.int64)
+    n_seg, n_keys = len(cu_q) - 1, len(k_index)
+    seg = torch.searchsorted(cu_q[1:], torch.arange(n, device=dev), right=True)  # (n,); past the end: n_seg
+    seg_k = torch.searchsorted(cu_k[1:], torch.arange(n_keys, device=dev), right=True)  # (n_keys,)
+    n_ext = (cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])  # (n_seg,) outside keys per segment
+    j = torch.arange(n_keys, device=dev) - cu_k[seg_k]  # (n_keys,) place in its segment's key list
+    own = j >= n_ext[seg_k]
+    kidx = k_index.to(torch.int64)
+    tail_ok = torch.equal(kidx[own], cu_q[seg_k[own]] + j[own] - n_ext[seg_k[own]])
+    outside = kidx[~own]
+    if (n_seg and bool((n_ext < 0).any())) or not tail_ok or (
+            outside.numel() and int(torch.bincount(outside, minlength=n).max()) > 1):
+        raise ValueError("flex backend: this PackedBatch's key lists are not (outside context) + "
+                         "(the segment's own queries) with each outside key used once; use sdpa")
+    ext = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    ext[outside] = seg_k[~own]
+    return seg, ext
+
+
+def _flex_block_mask(batch):
+    n = batch.input_ids.shape[0]
+    seg, ext = flex_mask_tensors(batch.cu_seqlens_q, batch.cu_seqlens_k, batch.k_index, n)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((seg[q_idx] == seg[kv_idx]) & (kv_idx <= q_idx)) | (ext[kv_idx] == seg[q_idx])
+
+    return create_block_mask(mask_mod, None, None, n, n, device=batch.input_ids.device)
+
+
+_flex_compiled = None
+
+
+def _flex(q, k, v, meta: AttnMeta) -> torch.Tensor:
+    global _flex_compiled
+    fn = flex_attention
+    if q.is_cuda:  # eager flex materialises the scores; compiled, it is a fused kernel
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention, dynamic=True)
+        fn = _flex_compiled
+    H, KV = q.shape[1], k.shape[1]
+    out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # (1, H|KV, N, D)
+             block_mask=meta.block_mask, enable_gqa=KV != H)  # (1, H, N, D)
+    return out[0].transpose(0, 1)  # (N, H, D)
 
 
 def _sdpa(q, k, v, meta: AttnMeta) -> torch.Tensor:
@@ -173,7 +245,7 @@ def _flash_attn(q, k, v, meta: AttnMeta) -> torch.Tensor:
                                   meta.max_seqlen_k, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True)
 
 
-_IMPLS = {"sdpa": _sdpa, "torch_varlen": _torch_varlen, "flash_attn": _flash_attn}
+_IMPLS = {"sdpa": _sdpa, "torch_varlen": _torch_varlen, "flash_attn": _flash_attn, "flex": _flex}
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:

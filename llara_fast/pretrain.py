@@ -40,7 +40,7 @@ class ModelConfig:
     layers: int = 0                  # keep only the first L blocks (0: all) — for quick runs and benchmarks
     random_init: bool = False        # a preset's shape with random weights, even if it ships weights (speed
                                      # runs where the weights package is absent; pair with `tokenizer`)
-    attn: str = "auto"               # attention backend: auto, sdpa, torch_varlen, flash_attn
+    attn: str = "auto"               # attention backend: auto, sdpa, torch_varlen, flash_attn, flex (opt-in)
     ac: str = "none"                 # activation checkpointing: none, selective, full
     compile: bool = False            # torch.compile each block
 

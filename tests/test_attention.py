@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import random_examples, toy_template
-from llara_fast.attention import available_backends, build_meta, packed_attention, resolve_backend
+from llara_fast.attention import (_example_blocks, available_backends, build_meta, flex_mask_tensors, packed_attention,
+                                  resolve_backend)
 from llara_fast.data.packing import pack_encode_reference, pack_reference
 
 
@@ -95,7 +96,7 @@ def test_backend_resolution():
         resolve_backend("xformers", "cpu")
 
 
-GPU_BACKENDS = [b for b in ("torch_varlen", "flash_attn")]
+GPU_BACKENDS = [b for b in ("torch_varlen", "flash_attn", "flex")]
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -120,3 +121,56 @@ def test_gpu_backend_matches_sdpa_bf16(backend):
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     for a, w in zip(gg, gw):
         torch.testing.assert_close(a, w, atol=5e-2, rtol=5e-2)
+
+
+def _dense_from_blocks(batch) -> torch.Tensor:
+    """The (N, N) allowed-pairs matrix of the sdpa backend's per-example blocks."""
+    N = batch.num_tokens
+    dense = torch.zeros(N, N, dtype=torch.bool)
+    for a, b, mask in _example_blocks(batch):
+        dense[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril() if mask is None else mask
+    return dense
+
+
+@pytest.mark.parametrize("layout", ["train", "encode"])
+def test_flex_mask_rule_equals_the_segments(layout):
+    """flex's (seg, ext) rule allows exactly the pairs the segments allow (all of them: N x N)."""
+    rng = np.random.default_rng(5)
+    tpl = toy_template(100)
+    if layout == "train":
+        b = pack_reference(random_examples(rng, [0, 1, 30, 7, 64, 2], 100), tpl, 100)
+    else:
+        ids = [rng.integers(3, 80, size=n) for n in (1, 12, 5, 40)]
+        b, _ = pack_encode_reference(ids, tpl, ["passage", "query", "passage", "query"], 100)
+    seg, ext = flex_mask_tensors(b.cu_seqlens_q, b.cu_seqlens_k, b.k_index, b.num_tokens)
+    qi, ki = torch.arange(b.num_tokens)[:, None], torch.arange(b.num_tokens)[None, :]
+    rule = ((seg[qi] == seg[ki]) & (ki <= qi)) | (ext[ki] == seg[qi])  # (N, N)
+    assert torch.equal(rule, _dense_from_blocks(b))
+    if layout == "train":  # the branch context really is there: PRED rows see TEXT, not SUM
+        assert (ext >= 0).sum() == sum(len(tpl.prefix_ids) + t for t in (0, 1, 30, 7, 64, 2))
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
+def test_flex_forward_matches_naive(heads):
+    """The flex backend's forward (eager on CPU; its backward exists on CUDA only) against the
+    float64 transcription of the mask."""
+    H, KV = heads
+    rng = np.random.default_rng(1)
+    tpl = toy_template(100)
+    lens = [3, 17, 0, 9]
+    b = pack_reference(random_examples(rng, lens, 100), tpl, 100)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(b.num_tokens, h, 16, generator=g) for h in (H, KV, KV))
+    got = packed_attention(q, k, v, build_meta(b, "flex"))
+    torch.testing.assert_close(got.double(), naive_attention(q, k, v, tpl, lens), atol=1e-5, rtol=1e-5)
+
+
+def test_flex_refuses_other_key_layouts():
+    """A segment whose key list does not end with its own queries cannot be expressed by the rule."""
+    cu = torch.tensor([0, 3, 6])
+    k_index = torch.tensor([0, 1, 2, 0, 4, 5, 3])  # segment 1's keys: 0, 4, 5, 3 (its queries 3..5 out of order)
+    with pytest.raises(ValueError, match="flex backend"):
+        flex_mask_tensors(cu, torch.tensor([0, 3, 7]), k_index, 6)
+    shared = torch.tensor([0, 1, 2, 0, 3, 0, 4])  # token 0 an outside key of two segments
+    with pytest.raises(ValueError, match="flex backend"):
+        flex_mask_tensors(torch.tensor([0, 3, 4, 5]), torch.tensor([0, 3, 5, 7]), shared, 5)

@@ -158,3 +158,17 @@ def test_sentencepiece_tokenizer_and_fingerprint_check(tmp_path, smol):
         ds.check_tokenizer(tok)
     with pytest.raises(P.PrepareError, match="neither a preset"):
         P.prepare(path, "llara-jsonl", "no-such-model", 32, tmp_path / "x", workers=1, progress=False)
+
+
+def test_wiki_sample_path_override(tmp_path, monkeypatch):
+    """$LLARA_FAST_WIKI_SAMPLE stands in for the package (machines without it); a wrong path is named."""
+    from llara_fast.data.sources import iter_wiki_sample, wiki_sample_path
+
+    copy = tmp_path / "wiki.json"
+    copy.write_text(json.dumps({"A": {"extract": "alpha text"}, "B": {"extract": ""}, "C": {"extract": "gamma"}}))
+    monkeypatch.setenv("LLARA_FAST_WIKI_SAMPLE", str(copy))
+    assert wiki_sample_path() == copy
+    assert list(iter_wiki_sample()) == [("A", "alpha text"), ("C", "gamma")]
+    monkeypatch.setenv("LLARA_FAST_WIKI_SAMPLE", str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError, match="missing.json: no such file"):
+        wiki_sample_path()

