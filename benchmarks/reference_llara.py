@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from llara_fast.data.packing import Example
 from llara_fast.data.templates import Template
 from llara_fast.loss import LossConfig
+from llara_fast.train import fused_adamw_ok
 
 
 @dataclass
@@ -194,9 +195,9 @@ def reference_forward(model, batch: PaddedBatch, cfg: LossConfig = LossConfig(),
 
 
 def build_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8):
-    """AdamW over all parameters (fused on CUDA)."""
+    """AdamW over all parameters, fused (DeepSpeed's fused Adam on a GPU; torch's on the CPU too)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = all(p.is_cuda for p in params)
+    fused = fused_adamw_ok(params)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
 
@@ -209,7 +210,7 @@ class MasterWeightAdamW:
     def __init__(self, model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.master = [p.detach().float().clone() for p in self.params]
-        fused = all(p.is_cuda for p in self.params)
+        fused = fused_adamw_ok(self.master)
         self.inner = torch.optim.AdamW(self.master, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                        fused=fused)
 

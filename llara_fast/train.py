@@ -115,16 +115,23 @@ def train_step(module: LlaraTrainModule, batches: list, optimizer: torch.optim.O
                       seconds=time.perf_counter() - t0, skipped=skipped, data_hash=int(c[7]))
 
 
+def fused_adamw_ok(params) -> bool:
+    """Whether torch's fused AdamW runs these parameters: all on CUDA, or all on the CPU (where it
+    is ~6x faster than the foreach path; it also takes FSDP2's DTensors)."""
+    types = {p.device.type for p in params}
+    return types in ({"cuda"}, {"cpu"})
+
+
 def build_optimizer(module: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
                     fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms (1-D parameters). Fused on GPU."""
+    """AdamW; no weight decay on norms (1-D parameters). Fused where torch has a fused kernel."""
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if fused is None:
-        fused = torch.cuda.is_available() and all(p.is_cuda for p in decay + no_decay)
+        fused = fused_adamw_ok(decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
