@@ -38,6 +38,17 @@ def test_matches_reference(device, dtype, impl, shape, monkeypatch):
     torch.testing.assert_close(gw.float(), rgw.float(), atol=atol, rtol=rtol)
 
 
+def test_no_rows_gives_zero_gradients(monkeypatch):
+    """No LM positions: loss 0 and an all-zero weight gradient (the one case grad_w is not
+    overwritten by a first chunk, so it must come zero-filled, not from the allocator)."""
+    monkeypatch.setattr(lx_mod, "_empty", poison_empty)
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    loss = linear_xent(h, w, torch.zeros(0, dtype=torch.long), impl="torch")
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert float(loss) == 0.0 and gh.shape == (0, 8) and torch.equal(gw, torch.zeros(30, 8))
+
+
 def test_no_grad_forward_only():
     h, w = torch.randn(10, 8), torch.randn(30, 8)
     y = torch.randint(0, 30, (10,))

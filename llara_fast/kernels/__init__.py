@@ -14,10 +14,16 @@ def use_triton(device: torch.device, impl: str) -> bool:
     return impl == "triton" or (impl == "auto" and device.type == "cuda")
 
 
-def accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc fp32: in place when the inputs are fp32 (no (V, d) temporary),
-    else one temporary in the inputs' dtype, added into acc without a further fp32 copy."""
+def accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool = False) -> None:
+    """acc += a @ b with acc fp32 (acc = a @ b when ``first``: acc may then be uninitialised, which
+    spares zero-filling a (V, d) gradient): in place when the inputs are fp32 (no (V, d)
+    temporary), else one temporary in the inputs' dtype, added into acc without a further fp32 copy."""
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
+    elif first:
+        acc.copy_(a @ b)
     else:
         acc.add_(a @ b)

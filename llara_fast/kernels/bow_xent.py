@@ -186,17 +186,18 @@ def bow_xent_backward(grad_loss, hidden, weight, ids, saved, pooling: str = "max
     dz = torch.exp(z - lse[:, None]) * g[:, None]  # (E, V) fp32, the softmax part
     dz.index_put_((seg, ids.long()), -(g[seg] * w), accumulate=True)  # minus the target mean part
     dt = hidden.dtype
-    grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)  # (V, d)
+    # (V, d): the first product overwrites it, so it is zero-filled only when there is none
+    grad_w = (_empty if K else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32)
     if pooling == "max":
         grad_h = _empty(hidden.shape, device=hidden.device, dtype=hidden.dtype)  # (E, K, d)
         for k in range(K):
             dzk = torch.where(arg == k, dz, 0.0).to(dt)  # (E, V) routed to row k
             grad_h[:, k] = dzk @ weight  # (E, d)
-            accumulate_mm_(grad_w, dzk.t(), hidden[:, k])  # (V, d)
+            accumulate_mm_(grad_w, dzk.t(), hidden[:, k], first=k == 0)  # (V, d)
     else:
         dzm = (dz / K).to(dt)  # (E, V)
         grad_h = (dzm @ weight)[:, None, :].expand(E, K, -1).contiguous()  # (E, K, d)
-        accumulate_mm_(grad_w, dzm.t(), hidden.sum(1))  # (V, d)
+        accumulate_mm_(grad_w, dzm.t(), hidden.sum(1), first=True)  # (V, d)
     return grad_h, grad_w.to(weight.dtype)  # no copy when fp32
 
 

@@ -94,7 +94,9 @@ def linear_xent_forward(hidden, weight, targets, chunk_rows: int | None = None, 
     chunk = chunk_rows or default_chunk_rows(V)
     losses = _empty((M,), device=hidden.device, dtype=torch.float32)  # (M,)
     grad_h = _empty(hidden.shape, device=hidden.device, dtype=hidden.dtype) if need_grad else None  # (M, d)
-    grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_grad else None
+    grad_w = None
+    if need_grad:  # the first chunk overwrites it: zero-filled only when there is no chunk
+        grad_w = (_empty if M else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32)
     scale = 1.0 / max(M, 1)
     targets = targets.contiguous()
     for c0 in range(0, M, chunk):
@@ -107,7 +109,7 @@ def linear_xent_forward(hidden, weight, targets, chunk_rows: int | None = None, 
             _xent_rows_torch(logits, targets[c0:c0 + chunk], losses[c0:c0 + chunk], scale, need_grad)
         if need_grad:
             grad_h[c0:c0 + chunk] = logits @ weight  # (C, d); logits now hold dL/dlogits
-            accumulate_mm_(grad_w, logits.t(), h)  # (V, d) fp32
+            accumulate_mm_(grad_w, logits.t(), h, first=c0 == 0)  # (V, d) fp32
     return losses.mean() if M else losses.sum(), grad_h, grad_w
 
 
