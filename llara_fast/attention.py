@@ -196,18 +196,30 @@ def _flex(q, k, v, meta: AttnMeta) -> torch.Tensor:
 
 def _sdpa(q, k, v, meta: AttnMeta) -> torch.Tensor:
     H, KV = q.shape[1], k.shape[1]
-    out = torch.empty_like(q)
+    # One split and one cat: slicing q/k/v per block and writing out[a:b] would cost, in
+    # backward, a zero-filled full-size gradient per block for each of q, k, v and out.
+    pieces, cursor = [], 0  # (start, end, mask or None, attended) tiling the stream
     for a, b, mask in meta.blocks:
-        qe = q[a:b].transpose(0, 1)  # (H, L, D)
-        ke = k[a:b].transpose(0, 1)  # (KV, L, D)
-        ve = v[a:b].transpose(0, 1)  # (KV, L, D)
+        if a > cursor:  # tokens in no segment: zero output
+            pieces.append((cursor, a, None, False))
+        pieces.append((a, b, mask, True))
+        cursor = b
+    if cursor < q.shape[0]:
+        pieces.append((cursor, q.shape[0], None, False))
+    sizes = [b - a for a, b, _, _ in pieces]
+    outs = []
+    for (a, b, mask, attended), qb, kb, vb in zip(pieces, q.split(sizes), k.split(sizes), v.split(sizes)):
+        if not attended or b == a:
+            outs.append(torch.zeros_like(qb))  # (L, H, D)
+            continue
         # 4-D inputs: with 3-D ones PyTorch's CPU dispatcher falls back to the unfused math kernel
         # (about 3x slower here); the fused flash kernel takes the same boolean mask, and with
         # is_causal (no mask) it skips the blocks above the diagonal.
-        oe = F.scaled_dot_product_attention(qe[None], ke[None], ve[None], attn_mask=mask, is_causal=mask is None,
+        oe = F.scaled_dot_product_attention(qb.transpose(0, 1)[None], kb.transpose(0, 1)[None],  # (1, H|KV, L, D)
+                                            vb.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
                                             enable_gqa=KV != H)[0]  # (H, L, D)
-        out[a:b] = oe.transpose(0, 1)  # (L, H, D)
-    return out
+        outs.append(oe.transpose(0, 1))  # (L, H, D)
+    return torch.cat(outs)  # (N, H, D)
 
 
 _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
