@@ -174,3 +174,20 @@ def test_flex_refuses_other_key_layouts():
     shared = torch.tensor([0, 1, 2, 0, 3, 0, 4])  # token 0 an outside key of two segments
     with pytest.raises(ValueError, match="flex backend"):
         flex_mask_tensors(torch.tensor([0, 3, 4, 5]), torch.tensor([0, 3, 5, 7]), shared, 5)
+
+
+def test_sdpa_tokens_outside_every_segment_get_zeros():
+    """Blocks that do not tile the stream (tokens in no segment) leave zero rows, and gradients
+    flow only through the attended blocks."""
+    from llara_fast.attention import AttnMeta
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(7, 2, 4, generator=g, requires_grad=True) for _ in range(3))
+    meta = AttnMeta("sdpa", torch.tensor([1, 4]), torch.tensor([1, 4]), 3, 3, torch.arange(1, 4), [(1, 4, None)])
+    out = packed_attention(q, k, v, meta)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[1:4].transpose(0, 1), k[1:4].transpose(0, 1), v[1:4].transpose(0, 1), is_causal=True).transpose(0, 1)
+    torch.testing.assert_close(out[1:4], want)
+    assert torch.equal(out[0], torch.zeros(2, 4)) and torch.equal(out[4:], torch.zeros(3, 2, 4))
+    out.sum().backward()
+    assert torch.equal(q.grad[4:], torch.zeros(3, 2, 4)) and q.grad[1:4].abs().sum() > 0
