@@ -32,8 +32,7 @@ out = Path(sys.argv[1])
 tok = load_tokenizer(resolve_source("smollm2-135m"))
 tok.save_pretrained(out / "smollm2-tokenizer")  # without <s1>..<s16>, as the GGUF ships it
 saved = load_tokenizer(out / "smollm2-tokenizer")
-texts = [t for _, t in zip(range(300), iter_wiki_sample())]
-texts = [x for _, x in texts]
+texts = [text for _, (_, text) in zip(range(300), iter_wiki_sample())]  # the first 300 lead paragraphs
 assert len(saved) == len(tok) and saved(texts)["input_ids"] == tok(texts)["input_ids"], "saved tokenizer differs"
 shutil.copy(sentencepiece_model_path(), out / "tokenizer.model.v1")
 shutil.copy(wiki_sample_path(), out / "summaries_en-us.json")
