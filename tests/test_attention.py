@@ -150,6 +150,7 @@ def test_flex_mask_rule_equals_the_segments(layout):
         assert (ext >= 0).sum() == sum(len(tpl.prefix_ids) + t for t in (0, 1, 30, 7, 64, 2))
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose: CPU
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
 def test_flex_forward_matches_naive(heads):
     """The flex backend's forward (eager on CPU; its backward exists on CUDA only) against the
