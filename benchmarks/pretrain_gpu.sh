@@ -49,15 +49,14 @@ run() {
     || echo "C++ packer did not build (see build.log): the Python packer feeds the runs"
   local smoke=()
   [ "${SMOKE:-0}" = 1 ] && smoke=(--model.layers 1 --run.steps 3 --data.limit 64)
-  local data=(--data.input "$ASSETS/summaries_en-us.json")
   local t0=$SECONDS
   "$PY" -m llara_fast.pretrain --model.random_init true --model.tokenizer "$ASSETS/smollm2-tokenizer" \
-    --run.steps "${DEFAULT_STEPS:-200}" "${data[@]}" --run.out_dir "$runs/default" "${smoke[@]}" 2>&1 \
+    --run.steps "${DEFAULT_STEPS:-200}" --run.out_dir "$runs/default" "${smoke[@]}" 2>&1 \
     | tr '\r' '\n' | grep -v '^pretrain: *[0-9]*%' | tee "$out/default.log"
   echo "default: $((SECONDS - t0)) s wall (set-up, data preparation and checkpoint included)" | tee -a "$out/default.log"
   t0=$SECONDS
   "$PY" -m llara_fast.pretrain --model.name llama2-7b --model.layers "${LARGER_LAYERS:-8}" \
-    --model.tokenizer "$ASSETS/tokenizer.model.v1" --run.steps "${LARGER_STEPS:-60}" "${data[@]}" \
+    --model.tokenizer "$ASSETS/tokenizer.model.v1" --run.steps "${LARGER_STEPS:-60}" \
     --run.out_dir "$runs/larger" "${smoke[@]}" 2>&1 | tr '\r' '\n' | grep -v '^pretrain: *[0-9]*%' \
     | tee "$out/larger.log"
   echo "larger: $((SECONDS - t0)) s wall (set-up, data preparation and checkpoint included)" | tee -a "$out/larger.log"

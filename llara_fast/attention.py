@@ -107,6 +107,9 @@ def _example_blocks(batch) -> list:
     cu_q = batch.cu_seqlens_q.tolist()
     cu_k = batch.cu_seqlens_k.tolist()
     k_index = batch.k_index.cpu()
+    n = batch.input_ids.shape[0]
+    if cu_q[0] != 0 or cu_q[-1] != n:  # the blocks must tile the stream (DESIGN §3: no padding)
+        raise ValueError(f"malformed PackedBatch: its segments cover tokens {cu_q[0]}..{cu_q[-1]} of {n}")
     segs = []  # (q0, q1, keys)
     for s in range(len(cu_q) - 1):
         keys = k_index[cu_k[s]:cu_k[s + 1]]  # (lk,) token indices
@@ -151,7 +154,7 @@ def flex_mask_tensors(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Ten
     dev = k_index.device
     cu_q, cu_k = cu_q.to(dev, torch.int64), cu_k.to(dev, torch.int64)
     n_seg, n_keys = len(cu_q) - 1, len(k_index)
-    seg = torch.searchsorted(cu_q[1:], torch.arange(n, device=dev), right=True)  # (n,); past the end: n_seg
+    seg = torch.searchsorted(cu_q[1:], torch.arange(n, device=dev), right=True)  # (n,)
     seg_k = torch.searchsorted(cu_k[1:], torch.arange(n_keys, device=dev), right=True)  # (n_keys,)
     n_ext = (cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])  # (n_seg,) outside keys per segment
     j = torch.arange(n_keys, device=dev) - cu_k[seg_k]  # (n_keys,) place in its segment's key list
@@ -159,6 +162,8 @@ def flex_mask_tensors(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Ten
     kidx = k_index.to(torch.int64)
     tail_ok = torch.equal(kidx[own], cu_q[seg_k[own]] + j[own] - n_ext[seg_k[own]])
     outside = kidx[~own]
+    if int(cu_q[0]) != 0 or int(cu_q[-1]) != n:  # the segments tile the stream (no padding)
+        raise ValueError(f"malformed PackedBatch: its segments cover tokens {int(cu_q[0])}..{int(cu_q[-1])} of {n}")
     if (n_seg and bool((n_ext < 0).any())) or not tail_ok or (
             outside.numel() and int(torch.bincount(outside, minlength=n).max()) > 1):
         raise ValueError("flex backend: this PackedBatch's key lists are not (outside context) + "
@@ -196,22 +201,11 @@ def _flex(q, k, v, meta: AttnMeta) -> torch.Tensor:
 
 def _sdpa(q, k, v, meta: AttnMeta) -> torch.Tensor:
     H, KV = q.shape[1], k.shape[1]
-    # One split and one cat: slicing q/k/v per block and writing out[a:b] would cost, in
-    # backward, a zero-filled full-size gradient per block for each of q, k, v and out.
-    pieces, cursor = [], 0  # (start, end, mask or None, attended) tiling the stream
-    for a, b, mask in meta.blocks:
-        if a > cursor:  # tokens in no segment: zero output
-            pieces.append((cursor, a, None, False))
-        pieces.append((a, b, mask, True))
-        cursor = b
-    if cursor < q.shape[0]:
-        pieces.append((cursor, q.shape[0], None, False))
-    sizes = [b - a for a, b, _, _ in pieces]
+    # The blocks tile the stream: one split and one cat. Slicing q/k/v per block and writing
+    # out[a:b] would cost, in backward, a zero-filled full-size gradient per block and tensor.
+    sizes = [b - a for a, b, _ in meta.blocks]
     outs = []
-    for (a, b, mask, attended), qb, kb, vb in zip(pieces, q.split(sizes), k.split(sizes), v.split(sizes)):
-        if not attended or b == a:
-            outs.append(torch.zeros_like(qb))  # (L, H, D)
-            continue
+    for (_, _, mask), qb, kb, vb in zip(meta.blocks, q.split(sizes), k.split(sizes), v.split(sizes)):
         # 4-D inputs: with 3-D ones PyTorch's CPU dispatcher falls back to the unfused math kernel
         # (about 3x slower here); the fused flash kernel takes the same boolean mask, and with
         # is_causal (no mask) it skips the blocks above the diagonal.
@@ -219,7 +213,7 @@ def _sdpa(q, k, v, meta: AttnMeta) -> torch.Tensor:
                                             vb.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
                                             enable_gqa=KV != H)[0]  # (H, L, D)
         outs.append(oe.transpose(0, 1))  # (L, H, D)
-    return torch.cat(outs)  # (N, H, D)
+    return torch.cat(outs) if outs else torch.empty_like(q)  # (N, H, D)
 
 
 _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()

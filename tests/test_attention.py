@@ -32,8 +32,10 @@ def naive_attention(q, k, v, tpl, text_lens):
     return out
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose: CPU
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])  # flex: its eager forward (no CPU backward)
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
-def test_sdpa_matches_naive(heads):
+def test_cpu_backend_matches_naive(heads, backend):
     H, KV = heads
     rng = np.random.default_rng(0)
     tpl = toy_template(100)
@@ -42,7 +44,7 @@ def test_sdpa_matches_naive(heads):
     g = torch.Generator().manual_seed(0)
     N = b.num_tokens
     q, k, v = (torch.randn(N, h, 16, generator=g) for h in (H, KV, KV))
-    got = packed_attention(q, k, v, build_meta(b, "sdpa"))
+    got = packed_attention(q, k, v, build_meta(b, backend))
     torch.testing.assert_close(got.double(), naive_attention(q, k, v, tpl, lens), atol=1e-5, rtol=1e-5)
 
 
@@ -150,22 +152,6 @@ def test_flex_mask_rule_equals_the_segments(layout):
         assert (ext >= 0).sum() == sum(len(tpl.prefix_ids) + t for t in (0, 1, 30, 7, 64, 2))
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose: CPU
-@pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
-def test_flex_forward_matches_naive(heads):
-    """The flex backend's forward (eager on CPU; its backward exists on CUDA only) against the
-    float64 transcription of the mask."""
-    H, KV = heads
-    rng = np.random.default_rng(1)
-    tpl = toy_template(100)
-    lens = [3, 17, 0, 9]
-    b = pack_reference(random_examples(rng, lens, 100), tpl, 100)
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(b.num_tokens, h, 16, generator=g) for h in (H, KV, KV))
-    got = packed_attention(q, k, v, build_meta(b, "flex"))
-    torch.testing.assert_close(got.double(), naive_attention(q, k, v, tpl, lens), atol=1e-5, rtol=1e-5)
-
-
 def test_flex_refuses_other_key_layouts():
     """A segment whose key list does not end with its own queries cannot be expressed by the rule."""
     cu = torch.tensor([0, 3, 6])
@@ -177,18 +163,15 @@ def test_flex_refuses_other_key_layouts():
         flex_mask_tensors(torch.tensor([0, 3, 4, 5]), torch.tensor([0, 3, 5, 7]), shared, 5)
 
 
-def test_sdpa_tokens_outside_every_segment_get_zeros():
-    """Blocks that do not tile the stream (tokens in no segment) leave zero rows, and gradients
-    flow only through the attended blocks."""
-    from llara_fast.attention import AttnMeta
+def test_backends_refuse_tokens_outside_every_segment():
+    """The stream has no padding: segments that leave tokens uncovered are a malformed batch
+    (the blocks must tile the stream for the split/cat in _sdpa)."""
+    from types import SimpleNamespace
 
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(7, 2, 4, generator=g, requires_grad=True) for _ in range(3))
-    meta = AttnMeta("sdpa", torch.tensor([1, 4]), torch.tensor([1, 4]), 3, 3, torch.arange(1, 4), [(1, 4, None)])
-    out = packed_attention(q, k, v, meta)
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q[1:4].transpose(0, 1), k[1:4].transpose(0, 1), v[1:4].transpose(0, 1), is_causal=True).transpose(0, 1)
-    torch.testing.assert_close(out[1:4], want)
-    assert torch.equal(out[0], torch.zeros(2, 4)) and torch.equal(out[4:], torch.zeros(3, 2, 4))
-    out.sum().backward()
-    assert torch.equal(q.grad[4:], torch.zeros(3, 2, 4)) and q.grad[1:4].abs().sum() > 0
+    for cu in ([1, 4], [0, 4]):  # a token before the first segment; tokens after the last
+        b = SimpleNamespace(cu_seqlens_q=torch.tensor(cu), cu_seqlens_k=torch.tensor([0, cu[1] - cu[0]]),
+                            k_index=torch.arange(cu[0], cu[1]), input_ids=torch.zeros(7, dtype=torch.long))
+        with pytest.raises(ValueError, match="malformed PackedBatch: its segments cover tokens"):
+            build_meta(b, "sdpa")
+        with pytest.raises(ValueError, match="malformed PackedBatch: its segments cover tokens"):
+            flex_mask_tensors(b.cu_seqlens_q, b.cu_seqlens_k, b.k_index, 7)
