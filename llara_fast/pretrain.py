@@ -51,7 +51,9 @@ class DataConfig:
     format: str = "wiki-sample"      # for on-the-fly prepare: wiki-sample, llara-jsonl, text
     input: str = ""                  # for on-the-fly prepare of llara-jsonl / text
     limit: int = -1                  # for on-the-fly prepare: first N records (0: all; -1: 2000 on CPU, all on GPU)
-    max_len: int = 128               # passage (TEXT) tokens per example
+    max_len: int = 128               # passage (TEXT) tokens per example (targets: max_len + prompt tokens)
+    cutoff_len: int = 0              # or the released code's cutoff_len (whole sequence; TEXT gets it minus the
+                                     # prompt tokens, targets are cut at it); > 0 overrides max_len
     token_budget: int = 0            # tokens per micro-batch (0: 1024 on CPU, 16384 on GPU)
     grad_accum: int = 1              # micro-batches per rank per step
     seed: int = 0
@@ -285,15 +287,18 @@ def prepare_default_data(cfg: PretrainConfig, tokenizer_spec: str, rank: int) ->
     """Prepare `data.format` once into a cache directory next to the runs (rank 0; others wait)."""
     from llara_fast.data.prepare import prepare
 
-    tag = f"{cfg.data.format}-{Path(tokenizer_spec).name}-len{cfg.data.max_len}" + (
-        f"-n{cfg.data.limit}" if cfg.data.limit > 0 else "")
+    cut = cfg.data.cutoff_len > 0
+    tag = f"{cfg.data.format}-{Path(tokenizer_spec).name}-" + (
+        f"cutoff{cfg.data.cutoff_len}" if cut else f"len{cfg.data.max_len}") + "-v2" + (
+        f"-n{cfg.data.limit}" if cfg.data.limit > 0 else "")  # v2: targets cut at the cutoff, not the TEXT cap
     if cfg.data.input:
         import hashlib
         tag += "-" + hashlib.sha1(str(Path(cfg.data.input).resolve()).encode()).hexdigest()[:8]
     out = Path(cfg.run.out_dir).parent / "data" / tag
     if rank == 0 and not (out / "manifest.json").is_file():
         _log(rank, f"preparing {cfg.data.format} into {out}")
-        summary = prepare(cfg.data.input or None, cfg.data.format, tokenizer_spec, cfg.data.max_len, out,
+        summary = prepare(cfg.data.input or None, cfg.data.format, tokenizer_spec, None if cut else cfg.data.max_len,
+                          out, cutoff_len=cfg.data.cutoff_len if cut else None,
                           limit=cfg.data.limit if cfg.data.limit > 0 else None, overwrite=True, progress=True)
         _log(rank, "prepare: " + json.dumps(summary))
     dist.barrier()
@@ -387,7 +392,7 @@ def run(cfg: PretrainConfig) -> dict:
     from llara_fast.config import mfu, peak_tflops_for
     from llara_fast.data.loader import PackedLoader
     from llara_fast.data.shards import ShardedDataset
-    from llara_fast.data.templates import Template
+    from llara_fast.data.templates import Lengths, Template
     from llara_fast.hf import load_model, resolve_source
     from llara_fast.train import LlaraTrainModule, train_step
 
@@ -409,6 +414,8 @@ def run(cfg: PretrainConfig) -> dict:
                                   tokenizer_path=cfg.model.tokenizer or None,
                                   random_init=cfg.model.random_init, layers=cfg.model.layers)
     template = Template.from_tokenizer(tokenizer)
+    lengths = Lengths.resolve(template, cutoff_len=cfg.data.cutoff_len or None,
+                              max_len=None if cfg.data.cutoff_len else cfg.data.max_len)
 
     # data
     if cfg.data.dir:
@@ -418,7 +425,10 @@ def run(cfg: PretrainConfig) -> dict:
         tok_spec = cfg.model.tokenizer or (str(src) if src is not None else "smollm2-135m")
         data_dir = prepare_default_data(cfg, tok_spec, rank)
     dataset = ShardedDataset(data_dir, tokenizer=tokenizer)  # refuses data of another tokenizer
-    loader = PackedLoader(dataset, template, min(cfg.data.max_len, dataset.max_len), budget,
+    if cfg.data.cutoff_len and dataset.cutoff_len != cfg.data.cutoff_len:
+        raise ValueError(f"{data_dir}: prepared with cutoff_len {dataset.cutoff_len}, but data.cutoff_len is "
+                         f"{cfg.data.cutoff_len} (the targets were cut at the former); prepare the data again")
+    loader = PackedLoader(dataset, template, min(lengths.text, dataset.max_len), budget,
                           seed=cfg.data.seed, dp_rank=rank, dp_world=world)
 
     module, optimizer, scheduler, start = setup_training(

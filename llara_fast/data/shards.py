@@ -144,7 +144,10 @@ class ShardedDataset:
             raise ValueError(f"{mpath}: format_version {self.manifest.get('format_version')}, this reader "
                              f"knows {FORMAT_VERSION}; prepare the data again")
         self.token_dtype = np.dtype(self.manifest["token_dtype"])
-        self.max_len = int(self.manifest["max_len"])
+        self.max_len = int(self.manifest["max_len"])  # the TEXT cap
+        # the released cutoff_len and the target cap (None for data prepared before they were recorded)
+        self.cutoff_len = self.manifest.get("cutoff_len")
+        self.target_max_len = self.manifest.get("target_max_len")
         self.sources = []
         counts = []
         for sh in self.manifest["shards"]:

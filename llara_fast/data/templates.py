@@ -71,6 +71,11 @@ class Template:
         return cls(tuple(prefix), tuple(sum_ids), tuple(pred_ids), tuple(sum_off), tuple(pred_off),
                    excluded, prompts.n_special)
 
+    @property
+    def fixed_tokens(self) -> int:
+        """Tokens of the prompt pieces of one example: len(PREFIX) + len(SUM) + len(PRED)."""
+        return len(self.prefix_ids) + len(self.sum_ids) + len(self.pred_ids)
+
     def target_set(self, ids) -> list[int]:
         """Unique target ids in first-seen order, special ids dropped (DESIGN §1 A_i / R_i)."""
         seen: dict[int, None] = {}
@@ -91,3 +96,40 @@ def _find_run(ids: list[int], want: list[int], what: str) -> list[int]:
     if out != list(range(out[0], out[0] + len(out))):
         raise ValueError(f"{what} prompt: special tokens are not contiguous in its tokenisation")
     return out
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """The token budgets of one example, as the released code derives them from ``cutoff_len``
+    (its ``data.py`` and ``EmbedCollator``):
+
+    - ``text``: TEXT tokens kept, cutoff_len - len(PREFIX) - len(SUM) - len(PRED);
+    - ``target``: target texts are tokenised with the tokenizer's own special tokens and
+      truncated at this many tokens before their id set is taken (cutoff_len by default);
+    - ``cutoff``: the whole sequence, cutoff_len.
+    """
+    text: int
+    target: int
+    cutoff: int
+
+    @classmethod
+    def resolve(cls, template: Template, cutoff_len: int | None = None, max_len: int | None = None,
+                target_max_len: int | None = None) -> "Lengths":
+        """From the released ``cutoff_len``, or from ``max_len`` (the TEXT cap; the cutoff is then
+        max_len + the prompt tokens); ``target_max_len`` overrides the target cap."""
+        fixed = template.fixed_tokens
+        if (cutoff_len is None) == (max_len is None):
+            raise ValueError("give exactly one of cutoff_len (the whole sequence, as the released code) and "
+                             f"max_len (TEXT tokens); got cutoff_len={cutoff_len}, max_len={max_len}")
+        if cutoff_len is not None:
+            if cutoff_len - fixed < 1:
+                raise ValueError(f"cutoff_len {cutoff_len} leaves no room for the passage: the prompt pieces "
+                                 f"take {fixed} tokens under this tokenizer")
+            text, cutoff = cutoff_len - fixed, cutoff_len
+        else:
+            if max_len < 1:
+                raise ValueError(f"max_len must be >= 1, got {max_len}")
+            text, cutoff = max_len, max_len + fixed
+        if target_max_len is not None and target_max_len < 1:
+            raise ValueError(f"target_max_len must be >= 1, got {target_max_len}")
+        return cls(text, target_max_len or cutoff, cutoff)
