@@ -132,9 +132,11 @@ def attention_mask_4d(batch: PaddedBatch) -> torch.Tensor:
     return allowed.unsqueeze(1)                                        # (B, 1, L, L)
 
 
-def build_hf_model(model, device: torch.device | str = "cpu", attn_implementation: str = "sdpa"):
+def build_hf_model(model, device: torch.device | str = "cpu", attn_implementation: str = "sdpa",
+                   dtype: torch.dtype = torch.float32):
     """transformers' LlamaForCausalLM holding exactly ``model``'s weights (a llara_fast Transformer),
-    fp32, in training mode. Built directly on ``device``."""
+    in ``dtype`` (fp32; float64 for the tests' exact-algebra runs), in training mode. Built
+    directly on ``device``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llara_fast.hf import ours_to_hf
@@ -155,7 +157,7 @@ def build_hf_model(model, device: torch.device | str = "cpu", attn_implementatio
         raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
     if model.args.tie_embeddings and ref.lm_head.weight.data_ptr() != ref.model.embed_tokens.weight.data_ptr():
         raise RuntimeError("LlamaForCausalLM did not tie lm_head to embed_tokens")
-    return ref.float().train()
+    return ref.to(dtype).train()
 
 
 def _bow(logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -174,7 +176,7 @@ def _bow(logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, p
 
 def reference_loss(logits: torch.Tensor, batch: PaddedBatch, cfg: LossConfig = LossConfig()):
     """(total, lm, ebae, ebar) from the logits of every position (B, L, V)."""
-    logits = logits.float()                                      # (B, L, V) fp32, every position
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (B, L, V) fp32, every position
     V = logits.shape[-1]
     lm = F.cross_entropy(logits[:, :-1].reshape(-1, V), batch.labels[:, 1:].reshape(-1), ignore_index=-100)
     ebae = _bow(logits, batch.sum_positions, batch.sum_targets, cfg.pooling)

@@ -50,7 +50,8 @@ def gather_with_grad(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def pooled_embeddings(hidden: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
     """hidden (N, d), special (E, K) positions -> (E, d) fp32 unit vectors (mean over the K)."""
-    emb = hidden[special].float().mean(1)  # (E, d)
+    emb = hidden[special]  # (E, K, d)
+    emb = emb.to(torch.promote_types(emb.dtype, torch.float32)).mean(1)  # (E, d), fp32 at least
     return F.normalize(emb, dim=-1)
 
 

@@ -86,8 +86,9 @@ class Encoder:
             sel = [order[j] for j in g]
             batch, special = pack_encode_reference([ids[i] for i in sel], self.template, kind, self.max_len)
             hidden = self.model(batch.to(self.device))  # (N, d)
-            emb = hidden[special.to(self.device)].float().mean(1)  # (E, d)
-            out[sel] = F.normalize(emb, dim=-1).cpu()
+            emb = hidden[special.to(self.device)]  # (E, K, d)
+            emb = emb.to(torch.promote_types(emb.dtype, torch.float32)).mean(1)  # (E, d), fp32 at least
+            out[sel] = F.normalize(emb, dim=-1).float().cpu()  # one rounding to fp32 at the end
             done_tokens += batch.num_tokens
             bar.update(len(sel))
             bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t0):.0f} tok/s", refresh=False)

@@ -43,8 +43,9 @@ class LoRALinear(nn.Linear):
 
     def merged_weight(self) -> torch.Tensor:
         """(out, in) W + (alpha / r) B A, in fp32 then cast back to W's dtype."""
-        delta = self.lora_B.float() @ self.lora_A.float()  # (out, in)
-        return (self.weight.float() + self.scaling * delta).to(self.weight.dtype)
+        acc = torch.promote_types(self.weight.dtype, torch.float32)  # fp32 at least
+        delta = self.lora_B.to(acc) @ self.lora_A.to(acc)  # (out, in)
+        return (self.weight.to(acc) + self.scaling * delta).to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"

@@ -38,8 +38,10 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin (N, head_dim) for the given positions, HF's duplicated-halves layout."""
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (N, hd/2)
+    """cos, sin (N, head_dim) for the given positions, HF's duplicated-halves layout. Angles in
+    fp32 (float64 when the model is float64, for exact-algebra tests)."""
+    acc = torch.promote_types(inv_freq.dtype, torch.float32)
+    angles = positions.to(acc)[:, None] * inv_freq.to(acc)[None, :]  # (N, hd/2)
     emb = torch.cat((angles, angles), dim=-1)  # (N, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -59,7 +61,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 

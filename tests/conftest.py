@@ -60,17 +60,42 @@ def reference_layout(template: Template, text_ids) -> tuple[torch.Tensor, torch.
 
 
 def hf_reference_model(model):
-    """transformers' LlamaModel (eager attention) holding exactly our model's weights."""
+    """transformers' LlamaModel (eager attention; float64: see below) holding exactly our model's weights."""
     from transformers import LlamaConfig, LlamaModel
 
     from llara_fast.hf import ours_to_hf
 
     cfg = LlamaConfig(**{k: v for k, v in model.args.to_hf_config().items() if k != "architectures"})
-    cfg._attn_implementation = "eager"
-    ref = LlamaModel(cfg).to(model.tok_embeddings.weight.dtype)
+    dtype = model.tok_embeddings.weight.dtype
+    # eager attention takes its softmax in fp32 whatever the dtype; float64 runs use sdpa (float64
+    # on the CPU), with the same explicit 4-D mask
+    cfg._attn_implementation = "sdpa" if dtype == torch.float64 else "eager"
+    ref = LlamaModel(cfg).to(dtype)
     sd = {k.removeprefix("model."): v for k, v in ours_to_hf(model.state_dict()).items() if k != "lm_head.weight"}
     ref.load_state_dict(sd, strict=True)
+    if ref.embed_tokens.weight.dtype == torch.float64:
+        _float64_norms_and_rope(ref)
     return ref.eval()
+
+
+def _float64_norms_and_rope(ref):
+    """transformers rounds RMSNorm and the RoPE angles (and eager attention's softmax) to fp32 whatever the model's dtype; for
+    the float64 (exact-algebra) comparisons its modules compute them in float64 instead, the
+    same formulas, so both sides agree to float64 rounding."""
+    import types
+
+    def rmsnorm(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def rotary(self, x, position_ids):
+        freqs = position_ids[..., None].double() * self.inv_freq.double()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    for m in ref.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.forward = types.MethodType(rmsnorm, m)
+    ref.rotary_emb.forward = types.MethodType(rotary, ref.rotary_emb)
 
 
 CUDA = torch.cuda.is_available()

@@ -1,12 +1,14 @@
 """The LLaRA objective against a direct transcription of the reference recipe on a real
 SmolLM2-135M batch: HF transformers, each example alone with the dense 4-D mask, fp32 logits
 at every position, max over the 8 rows, log_softmax, mean over unique targets, /10, plus the
-shifted LM CE."""
+shifted LM CE. The loss's algebra is checked in float64; fp32 runs against the rounding-error
+model of tests/errmodel.py, so the tests hold on any CPU's BLAS."""
 import numpy as np
 import pytest
 import torch
 
 from conftest import hf_reference_model, random_examples, reference_layout, toy_template
+from errmodel import assert_within, xent_grad_tol
 from llara_fast.config import ModelArgs
 from llara_fast.data.packing import Example, pack_reference
 from llara_fast.hf import ours_to_hf
@@ -14,13 +16,13 @@ from llara_fast.loss import LossConfig, llara_loss
 from llara_fast.model import Transformer
 
 
-def reference_objective(hidden_of, head_weight, template, examples, w_lm=1.0, pooling="max"):
-    """The released recipe, transcribed: hidden_of(e) gives example e's final hidden states
-    (BOS " TEXT SUM PRED layout); returns (total, lm, ebae, ebar)."""
+def reference_objective(logits_of, template, examples, w_lm=1.0, pooling="max"):
+    """The released recipe, transcribed: logits_of(e) gives example e's logits at every position
+    (BOS " TEXT SUM PRED layout, fp32 or float64); returns (total, lm, ebae, ebar)."""
     P, S = len(template.prefix_ids), len(template.sum_ids)
     lm_terms, ebae, ebar = [], [], []
     for e, ex in enumerate(examples):
-        logits = hidden_of(e).float() @ head_weight.float().t()  # (L, V): every position, fp32
+        logits = logits_of(e)  # (L, V)
         T = len(ex.text_ids)
         # shifted LM CE: position P-1+j predicts text[j]
         lm_terms.append(torch.nn.functional.cross_entropy(
@@ -39,9 +41,17 @@ def reference_objective(hidden_of, head_weight, template, examples, w_lm=1.0, po
     return total, lm, ebae_m, ebar_m
 
 
+def _logits(hidden, head):
+    """Every position's logits, fp32 (float64 for float64 inputs), as the reference materialises them."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    return hidden.to(acc) @ head.to(acc).t()  # (L, V)
+
+
 def _check(model, tpl, exs, impl, rtol=1e-5, param_rtol=1e-5, pooling="max"):
-    """1) loss and parts vs the transcription on HF transformers (end to end);
-    2) gradients w.r.t. the hidden states and the head vs the transcription on the same hidden states;
+    """1) loss and parts vs the transcription on HF transformers (end to end, fp32);
+    2) the loss alone on our hidden states: in float64, llara_loss's composition (positions, CSR
+       targets, normalisation) against the transcription, tightly; then `impl` in fp32 against that
+       float64 truth, its gradients within the rounding bound of tests/errmodel.py;
     3) every parameter gradient vs HF's, norm-relative within param_rtol."""
     cfg = LossConfig(impl=impl, pooling=pooling)
     batch = pack_reference(exs, tpl, 10**9)
@@ -53,24 +63,35 @@ def _check(model, tpl, exs, impl, rtol=1e-5, param_rtol=1e-5, pooling="max"):
     out.total.backward()
 
     # 2) the loss alone, on our hidden states
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = model.lm_head_weight.detach().double().requires_grad_()
+    z64 = _logits(h64, w64).detach().requires_grad_()  # (N, V) the float64 truth's logits
+    want = reference_objective(lambda e: z64[cu[2 * e]:cu[2 * e + 2]], tpl, exs, pooling=pooling)
+    G, = torch.autograd.grad(want[0], z64)  # (N, V) dL/dz
+    rh, rw = G @ w64.detach(), G.t() @ h64.detach()  # exact gradients
+    exact = llara_loss(h64, batch, w64, LossConfig(impl="reference", pooling=pooling))
+    eh, ew = torch.autograd.grad(exact.total, (h64, w64))
+    for got, ref in ((exact.total, want[0]), (exact.lm, want[1]), (exact.ebae, want[2]), (exact.ebar, want[3])):
+        torch.testing.assert_close(got, ref.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(eh, rh, rtol=1e-10, atol=1e-12 * rh.abs().max().item())
+    torch.testing.assert_close(ew, rw, rtol=1e-10, atol=1e-12 * rw.abs().max().item())
+
     h = hidden.detach().clone().requires_grad_()
     w = model.lm_head_weight.detach().clone().requires_grad_()
-    ours = llara_loss(h, batch, w, cfg).total
-    gh, gw = torch.autograd.grad(ours, (h, w))
-    want = reference_objective(lambda e: h[cu[2 * e]:cu[2 * e + 2]], w, tpl, exs, pooling=pooling)[0]
-    rh, rw = torch.autograd.grad(want, (h, w))
-    torch.testing.assert_close(gh, rh, rtol=rtol, atol=rtol * rh.abs().max().item())
-    torch.testing.assert_close(gw, rw, rtol=rtol, atol=rtol * rw.abs().max().item())
+    gh, gw = torch.autograd.grad(llara_loss(h, batch, w, cfg).total, (h, w))
+    tol_h, tol_w = xent_grad_tol(h, w, G)
+    assert_within(gh, rh, tol_h, f"{impl}: dL/dhidden")
+    assert_within(gw, rw, tol_w, f"{impl}: dL/dhead")
 
     # 1) end to end against transformers
     ref = hf_reference_model(model)
     head = ref.embed_tokens.weight if model.output is None else torch.nn.Parameter(w.detach().clone())
 
-    def hf_hidden(e):
+    def hf_logits(e):
         ids, pos, mask = reference_layout(tpl, exs[e].text_ids)
-        return ref(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0]
+        return _logits(ref(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state[0], head)
 
-    total, lm, ebae, ebar = reference_objective(hf_hidden, head, tpl, exs, pooling=pooling)
+    total, lm, ebae, ebar = reference_objective(hf_logits, tpl, exs, pooling=pooling)
     total.backward()
     for got, want in ((out.total, total), (out.lm, lm), (out.ebae, ebae), (out.ebar, ebar)):
         torch.testing.assert_close(got, want.detach(), rtol=rtol, atol=0)
