@@ -83,6 +83,10 @@ def test_clear_errors(tmp_path, data_dir):
              check=False)
     assert p.returncode != 0 and "prepare the data again with this model's tokenizer" in p.stderr
 
+    p = _run([*COMMON, "--data.dir", str(data_dir), "--data.cutoff_len", "128", "--run.steps", "1",
+              "--run.out_dir", str(tmp_path / "r1")], check=False)  # data_dir: max_len 96, i.e. cutoff 96 + 37
+    assert p.returncode != 0 and "prepared with cutoff_len 133, but data.cutoff_len is 128" in p.stderr
+
     run = tmp_path / "r2"
     _run([*COMMON, "--data.dir", str(data_dir), "--run.steps", "1", "--run.out_dir", str(run)])
     ck = run / "checkpoints" / "step_0000001"
@@ -91,6 +95,17 @@ def test_clear_errors(tmp_path, data_dir):
     p = _run([*COMMON, "--data.dir", str(data_dir), "--run.steps", "2", "--run.out_dir", str(run),
               "--run.resume", "true"], check=False)
     assert p.returncode != 0 and f"{ck}: unreadable checkpoint" in p.stderr
+
+
+def test_cutoff_len_prepares_on_the_fly(tmp_path):
+    """data.cutoff_len: the on-the-fly preparation cuts as the released code (TEXT = cutoff minus
+    the 37 prompt tokens of SmolLM2's tokenizer, targets at the cutoff)."""
+    out = tmp_path / "runs" / "cut"
+    _run([*COMMON, "--data.limit", "16", "--data.cutoff_len", "77", "--run.steps", "1", "--run.out_dir", str(out)])
+    (manifest,) = (tmp_path / "runs" / "data").glob("*/manifest.json")
+    m = json.loads(manifest.read_text())
+    assert (m["cutoff_len"], m["max_len"], m["target_max_len"]) == (77, 40, 77)
+    assert "cutoff_len = 77" in (out / "config.toml").read_text()
 
 
 def test_model_tokenizer_option(tmp_path):
