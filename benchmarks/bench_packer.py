@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from llara_fast.config import PEAK_BF16_TFLOPS, ModelArgs
-from llara_fast.data.loader import PackedLoader
-from llara_fast.data.packing import (NativePacker, greedy_offsets, native_packer_available,
-                                     pack_reference)
+from llara_fast.data.loader import LoaderOptions, PackedLoader
+from llara_fast.data.native import NativePacker, greedy_offsets, native_packer_available
+from llara_fast.data.packing import pack_reference
 from llara_fast.data.shards import ShardedDataset, ShardWriter, epoch_order, token_dtype_for, write_manifest
-from llara_fast.data.templates import Template
+from llara_fast.templates import Template
 
 VOCAB = 32000 + 16
 
@@ -121,8 +121,8 @@ def main(argv=None) -> dict:
         t_cpp = best_of(run_cpp, a.repeats)
 
         def run_loader():
-            with PackedLoader(ds, tpl, a.max_len, a.token_budget, seed=0, epochs=1, prefetch=8,
-                              groups_per_call=a.groups_per_call, n_threads=a.threads, pin_memory=False) as ld:
+            with PackedLoader(ds, tpl, a.max_len, a.token_budget, LoaderOptions(seed=0, epochs=1, prefetch=8,
+                              groups_per_call=a.groups_per_call, n_threads=a.threads, pin_memory=False)) as ld:
                 return sum(b.num_examples for b in ld)
 
         assert run_loader() == len(order)

@@ -26,7 +26,7 @@ stage() {
 import shutil, sys
 from pathlib import Path
 from llara_fast.data.sources import iter_wiki_sample, sentencepiece_model_path, wiki_sample_path
-from llara_fast.hf import load_tokenizer, resolve_source
+from llara_fast.io.hf import load_tokenizer, resolve_source
 
 out = Path(sys.argv[1])
 tok = load_tokenizer(resolve_source("smollm2-135m"))

@@ -41,10 +41,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from llara_fast.data.packing import Example
-from llara_fast.data.templates import Template
-from llara_fast.loss import LossConfig
-from llara_fast.train import fused_adamw_ok
+from llara_fast.batch import Example
+from llara_fast.templates import Template
+from llara_fast.objectives.llara import LossConfig
+from llara_fast.train.step import fused_adamw_ok
 
 
 @dataclass
@@ -139,7 +139,7 @@ def build_hf_model(model, device: torch.device | str = "cpu", attn_implementatio
     directly on ``device``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llara_fast.hf import ours_to_hf
+    from llara_fast.io.hf import ours_to_hf
 
     cfg = LlamaConfig(**{k: v for k, v in model.args.to_hf_config().items() if k != "architectures"})
     cfg._attn_implementation = attn_implementation

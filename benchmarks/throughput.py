@@ -15,10 +15,11 @@ Both implementations train the same passages from identical weights for W+N opti
 each (ours first, then the reference, one process); only the last N are timed, each step
 bracketed by ``torch.cuda.synchronize()`` on a GPU. Every step takes the next P passages.
 
-- ours: exactly ``llara_fast.train.train_step``, set up as ``llara_fast.pretrain`` does it: a
-  1-process group (gloo on CPU, NCCL on GPU), activation checkpointing / compile of the blocks
-  if asked, ``LlaraTrainModule`` under FSDP2 (``apply_fsdp``: fp32 master parameters, bf16
-  compute on GPU, fp32 throughout on CPU), ``build_optimizer`` (AdamW), grad clip 1.0, the
+- ours: exactly what ``llara_fast.pretrain`` runs, through the same ``Trainer``
+  (llara_fast.train.trainer): a 1-process group (gloo on CPU, NCCL on GPU), ``Trainer.build``
+  (activation checkpointing / compile of the blocks if asked, ``LlaraTrainModule`` under FSDP2:
+  fp32 master parameters, bf16 compute on GPU, fp32 throughout on CPU; AdamW at a constant
+  learning rate), ``Trainer.step`` (the one optimizer-step core, grad clip 1.0), the
   attention backend ``--attn`` (auto: flash_attn / torch_varlen on GPU, sdpa on CPU) and the
   fused losses (Triton on GPU, chunked PyTorch on CPU). The P passages of a step are packed by
   the C++ packer (``pack_greedy``) into micro-batches under ``--token-budget`` (default 0: one
@@ -69,6 +70,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_util import _malloc_trim, _proc_status_kib, _reset_rss_peak, device_label, versions  # noqa: E402
@@ -76,9 +78,15 @@ from _bench_util import _malloc_trim, _proc_status_kib, _reset_rss_peak, device_
 import reference_llara  # noqa: E402
 
 from llara_fast.config import PRESETS, ModelArgs, mfu, peak_tflops_for  # noqa: E402
-from llara_fast.data.packing import Example, example_num_tokens, pack_greedy  # noqa: E402
-from llara_fast.data.templates import Template  # noqa: E402
-from llara_fast.loss import LossConfig  # noqa: E402
+from llara_fast.batch import Example  # noqa: E402
+from llara_fast.data.packing import example_num_tokens
+from llara_fast.data.native import pack_greedy
+from llara_fast.templates import Template  # noqa: E402
+from llara_fast.io.load import load as load_source  # noqa: E402
+from llara_fast.objectives.llara import LlaraObjective, LlaraTrainModule, LossConfig  # noqa: E402
+from llara_fast.pretrain import PretrainConfig  # noqa: E402
+from llara_fast.train.config import OptimConfig  # noqa: E402
+from llara_fast.train.trainer import Trainer, init_distributed  # noqa: E402
 from llara_fast.runtime import tune_cpu_malloc  # noqa: E402
 
 MiB = 2**20
@@ -133,12 +141,10 @@ def parse_args(argv=None):
 def load(a):
     """(model fp32 on the host, tokenizer), as pretrain loads it; --layers keeps the first L blocks
     (a random model is built with L blocks directly, without allocating the ones it would drop)."""
-    from llara_fast.hf import load_model
-
     torch.manual_seed(a.seed)
     try:
-        return load_model(a.model, attn_backend=a.attn, seed=a.seed, tokenizer_path=a.tokenizer,
-                          random_init=a.random_init, layers=a.layers)
+        return load_source(a.model, attn_backend=a.attn, seed=a.seed, tokenizer=a.tokenizer,
+                           random_init=a.random_init, layers=a.layers)[:2]
     except ValueError as e:
         sys.exit(f"--model/--layers/--random-init: {e}")
 
@@ -221,28 +227,25 @@ class PeakMemory:
 
 
 def run_ours(a, pristine, step_batches, device, dtype) -> dict:
-    from llara_fast.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp
-    from llara_fast.train import LlaraTrainModule, build_optimizer, train_step
-
     mem = PeakMemory(device)
     mem.start()
     model = copy.deepcopy(pristine)
-    apply_activation_checkpointing(model.layers, a.ac)
-    if a.compile:
-        apply_compile(model.layers)
-    module = LlaraTrainModule(model, LossConfig(impl=a.loss_impl)).to(device)
-    apply_fsdp(module, model.layers, param_dtype=dtype)
-    optimizer = build_optimizer(module, a.lr, weight_decay=0.0)
+    cfg = PretrainConfig()
+    cfg.model.ac, cfg.model.compile = a.ac, a.compile
+    cfg.optim = OptimConfig(lr=a.lr, weight_decay=0.0, warmup_steps=0, decay="constant", grad_clip=1.0)
+    cfg.run.device, cfg.run.dtype, cfg.run.steps = device.type, str(dtype).removeprefix("torch."), len(step_batches)
+    trainer = Trainer(cfg, "throughput", default_steps=(1, 1))
+    trainer.build(model, LlaraTrainModule(model, LossConfig(impl=a.loss_impl)), LlaraObjective(model.args.vocab_size))
     times, losses = [], []
     for batches in step_batches:
         sync(device)
         t0 = time.perf_counter()
-        r = train_step(module, batches, optimizer, None, device=device, grad_clip=1.0)
+        r = LlaraObjective.result(trainer.step(batches))
         sync(device)
         times.append(time.perf_counter() - t0)
         losses.append([r.loss, r.lm, r.ebae, r.ebar])
     peak = mem.peak()
-    del module, model, optimizer
+    del trainer, model
     return {"times": times, "losses": losses, "peak_bytes": peak}
 
 
@@ -341,9 +344,6 @@ def main(argv=None) -> dict:
     peak = peak_tflops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     results, raw = {}, {}
     if a.impl in ("ours", "both"):
-        from llara_fast.pretrain import init_distributed
-        import torch.distributed as dist
-
         init_distributed(device.type)
         try:
             raw["ours"] = run_ours(a, model, ours_batches, device, dtype)

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from llara_fast.errors import InputNotFound, UserError
+
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 
 
@@ -38,10 +40,10 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             if self.dim % self.n_heads:
-                raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; set head_dim")
+                raise UserError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; set head_dim")
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise UserError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -59,21 +61,21 @@ class ModelArgs:
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: no config.json (expected an HF LLaMA checkpoint directory)")
+                raise InputNotFound(f"{path}: no config.json (expected an HF LLaMA checkpoint directory)")
             with open(path) as f:
                 cfg = json.load(f)
         where = path or "config"
         model_type = cfg.get("model_type")
         archs = cfg.get("architectures") or []
         if model_type != "llama" and not any(a.startswith("Llama") for a in archs):
-            raise ValueError(
+            raise UserError(
                 f"{where}: model_type={model_type!r}, architectures={archs}; expected a LLaMA-architecture "
                 "model (model_type 'llama', LlamaForCausalLM)")
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
             if k not in cfg:
-                raise ValueError(f"{where}: missing field {k!r}")
+                raise UserError(f"{where}: missing field {k!r}")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ValueError(f"{where}: attention_bias/mlp_bias are not supported (LLaMA has no biases)")
+            raise UserError(f"{where}: attention_bias/mlp_bias are not supported (LLaMA has no biases)")
         scaling = cfg.get("rope_scaling") or None
         rope_theta = cfg.get("rope_theta")
         rp = cfg.get("rope_parameters")  # transformers >= 5 nests these
@@ -86,7 +88,7 @@ class ModelArgs:
             if kind == "default":
                 scaling = None
             elif kind != "llama3":
-                raise ValueError(f"{where}: rope scaling type {kind!r} is not supported (only 'llama3')")
+                raise UserError(f"{where}: rope scaling type {kind!r} is not supported (only 'llama3')")
         args = cls(
             dim=cfg["hidden_size"],
             n_layers=cfg["num_hidden_layers"],
@@ -182,3 +184,8 @@ PRESETS: dict[str, ModelArgs] = {
     "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
                            ffn_hidden=14336, rope_theta=500000.0, max_seq_len=8192),
 }
+
+
+def opt(default, help: str):
+    """A config-section field with its one-line help (``--help`` prints it beside the default)."""
+    return dataclasses.field(default=default, metadata={"help": help})

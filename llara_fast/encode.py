@@ -7,7 +7,7 @@ Texts are tokenised once, sorted by length and packed back to back into micro-ba
 most ``token_budget`` tokens (one causal segment per text, no padding); results come back in
 input order. Works on CPU (fp32) and GPU (bf16 by default), from a preset, an HF directory
 (e.g. an export of llara_fast.export, whose recorded prompts are used), a .gguf file or a
-training checkpoint (see llara_fast.export.load_training_checkpoint).
+training checkpoint (llara_fast.io.load).
 
     python -m llara_fast.encode                       # similarity of Wikipedia passages
     python -m llara_fast.encode --model DIR --text "a passage" --text "another"
@@ -18,14 +18,19 @@ import argparse
 import os
 import sys
 import time
+from itertools import islice
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from llara_fast.data.packing import greedy_groups, pack_encode_reference
-from llara_fast.data.templates import PromptConfig, Template
+from llara_fast.data.sources import iter_wiki_sample
+from llara_fast.errors import UserError
+from llara_fast.io.load import load
 from llara_fast.runtime import tune_cpu_malloc
+from llara_fast.templates import PromptConfig, Template
 
 # Tokens per micro-batch. On CPU, small batches keep activations in cache and avoid the page
 # faults of large fresh allocations (measured in benchmarks/results/); on GPU, large ones fill it.
@@ -53,9 +58,7 @@ class Encoder:
     def from_pretrained(cls, spec: str, attn_backend: str = "auto", **kw) -> "Encoder":
         """spec: preset, HF directory, .gguf file or training checkpoint. An HF directory written
         by llara_fast.export brings its prompts (unless ``prompts=`` is given)."""
-        from llara_fast.export import load_source
-
-        model, tok, prompts = load_source(spec, attn_backend=attn_backend)
+        model, tok, prompts = load(spec, attn_backend=attn_backend)
         kw.setdefault("prompts", prompts)
         return cls(model, tok, **kw)
 
@@ -75,7 +78,7 @@ class Encoder:
                    desc: str | None = None) -> torch.Tensor:
         """(len(ids), d) fp32 unit vectors for pre-tokenised texts, in input order."""
         if kind not in ("passage", "query"):
-            raise ValueError(f"kind must be 'passage' or 'query', got {kind!r}")
+            raise UserError(f"kind must be 'passage' or 'query', got {kind!r}")
         out = torch.empty(len(ids), self.model.args.dim, dtype=torch.float32)
         lengths = [self.suffix_len(kind) + min(len(t), self.max_len) for t in ids]
         # Sorted by length: similar lengths share a micro-batch (steadier batch cost on GPU).
@@ -108,8 +111,6 @@ class Encoder:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="text", disable=not enabled, file=sys.stderr,
                 mininterval=1.0, dynamic_ncols=True)
 
@@ -126,10 +127,6 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     texts, titles = list(args.text), [f"text{i}" for i in range(len(args.text))]
     if not texts:
-        from itertools import islice
-
-        from llara_fast.data.sources import iter_wiki_sample
-
         for title, text in islice(iter_wiki_sample(), args.wiki_sample):
             titles.append(title)
             texts.append(text)

@@ -38,9 +38,17 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel
+
+from llara_fast.data.beir import REASONS, load_beir
+from llara_fast.encode import Encoder
+from llara_fast.errors import UserError
+from llara_fast.io.export import ExportOptions, export
 
 try:  # faiss-cpu (requirements.txt) or faiss-gpu (pip install 'llara-fast[gpu]')
     import faiss
@@ -110,142 +118,6 @@ def evaluate_run(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mappi
     return Evaluation(means, per_query, +counts)
 
 
-# ---- BEIR data --------------------------------------------------------------------------------
-@dataclass
-class BeirData:
-    doc_ids: list[str]
-    doc_texts: list[str]
-    query_ids: list[str]    # the queries to evaluate: judged, with a relevant document, with text
-    query_texts: list[str]
-    qrels: dict[str, dict[str, int]]
-    counts: Counter = field(default_factory=Counter)
-
-    def problems(self) -> list[str]:
-        return [f"{k.replace('_', ' ')}: {v}" for k, v in sorted(self.counts.items()) if v]
-
-    def subset(self, max_docs: int, seed: int = 0) -> "BeirData":
-        """A smaller corpus for quick comparisons: every document judged relevant to an evaluated
-        query, plus documents drawn at random (seeded) up to max_docs in all, in corpus order.
-        Scores on a subset are higher than on the full corpus; compare them only with each other."""
-        if max_docs <= 0 or max_docs >= len(self.doc_ids):
-            return self
-        keep = {d for q in self.query_ids for d, r in self.qrels[q].items() if r > 0}
-        keep &= set(self.doc_ids)
-        others = [d for d in self.doc_ids if d not in keep]
-        rng = np.random.default_rng(seed)
-        n_more = max(0, max_docs - len(keep))
-        keep |= {others[i] for i in rng.choice(len(others), min(n_more, len(others)), replace=False)}
-        pairs = [(d, t) for d, t in zip(self.doc_ids, self.doc_texts) if d in keep]
-        return BeirData([d for d, _ in pairs], [t for _, t in pairs], self.query_ids, self.query_texts, self.qrels,
-                        self.counts)
-
-
-_WHY = {
-    "corpus_bad_line": "corpus.jsonl lines that are not a JSON object with an _id (skipped)",
-    "corpus_duplicate_id": "corpus.jsonl duplicate _id (first kept)",
-    "corpus_no_text": "documents without title and text (left out of the index)",
-    "corpus_title_only": "documents with a title but no text (encoded as the title)",
-    "queries_bad_line": "queries.jsonl lines that are not a JSON object with an _id (skipped)",
-    "queries_duplicate_id": "queries.jsonl duplicate _id (first kept)",
-    "queries_empty_text": "queries with empty text (skipped)",
-    "qrels_bad_line": "qrels lines without query, document and integer score (skipped)",
-    "qrels_header": "qrels header line",
-    "qrels_unknown_query": "judged query ids absent from queries.jsonl (skipped)",
-    "qrels_unknown_doc": "judgements of documents absent from the corpus (kept: unretrievable)",
-    "queries_no_relevant": "judged queries without a relevant document (skipped)",
-    "queries_not_in_split": "queries.jsonl queries without judgements in this split (not evaluated)",
-    "queries_missing_from_run": "judged queries absent from the run (skipped)",
-    "run_queries_without_qrels": "run queries without judgements (ignored)",
-}
-
-
-def _read_jsonl(path: Path, what: str, counts: Counter) -> Iterator[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (a BEIR dataset directory holds corpus.jsonl, queries.jsonl "
-                                "and qrels/<split>.tsv)")
-    with open(path, encoding="utf-8-sig", errors="replace") as f:  # universal newlines: CRLF is fine
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = None
-            if not isinstance(rec, dict) or rec.get("_id") is None:
-                counts[f"{what}_bad_line"] += 1
-                continue
-            rec["_id"] = str(rec["_id"])
-            yield rec
-
-
-def _text(v) -> str:
-    return v.strip() if isinstance(v, str) else ""
-
-
-def read_qrels(path: Path, counts: Counter) -> dict[str, dict[str, int]]:
-    qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for n, line in enumerate(f):
-            parts = line.rstrip("\r\n").split("\t")
-            if len(parts) == 1:
-                parts = line.split()
-            if not "".join(parts).strip():
-                continue
-            if len(parts) == 4:  # TREC: qid iter docid rel
-                parts = [parts[0], parts[2], parts[3]]
-            try:
-                q, d, s = (p.strip() for p in parts)
-                score = int(float(s))
-            except ValueError:
-                counts["qrels_header" if n == 0 else "qrels_bad_line"] += 1
-                continue
-            qrels.setdefault(q, {})[d] = score
-    return qrels
-
-
-def load_beir(root: str | os.PathLike, split: str = "test") -> BeirData:
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such BEIR dataset directory")
-    qrels_path = root / "qrels" / f"{split}.tsv"
-    if not qrels_path.is_file():
-        have = sorted(p.stem for p in (root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else []
-        raise FileNotFoundError(f"{qrels_path}: no qrels for split {split!r}; "
-                                f"available splits: {', '.join(have) if have else 'none (no qrels/ directory)'}")
-    counts: Counter = Counter()
-    docs: dict[str, str] = {}
-    for rec in _read_jsonl(root / "corpus.jsonl", "corpus", counts):
-        if rec["_id"] in docs:
-            counts["corpus_duplicate_id"] += 1
-            continue
-        title, text = _text(rec.get("title")), _text(rec.get("text"))
-        if not text:
-            counts["corpus_title_only" if title else "corpus_no_text"] += 1
-            if not title:
-                continue
-        docs[rec["_id"]] = f"{title} {text}".strip()
-    queries: dict[str, str] = {}
-    for rec in _read_jsonl(root / "queries.jsonl", "queries", counts):
-        if rec["_id"] in queries:
-            counts["queries_duplicate_id"] += 1
-        elif not _text(rec.get("text")):
-            counts["queries_empty_text"] += 1
-        else:
-            queries[rec["_id"]] = _text(rec["text"])
-    qrels = read_qrels(qrels_path, counts)
-    qids = []
-    for q, rels in qrels.items():
-        counts["qrels_unknown_doc"] += sum(1 for d in rels if d not in docs)
-        if q not in queries:
-            counts["qrels_unknown_query"] += 1
-        elif not any(r > 0 for r in rels.values()):
-            counts["queries_no_relevant"] += 1
-        else:
-            qids.append(q)
-    counts["queries_not_in_split"] = sum(1 for q in queries if q not in qrels)
-    return BeirData(list(docs), list(docs.values()), qids, [queries[q] for q in qids], qrels, +counts)
-
-
 # ---- search -----------------------------------------------------------------------------------
 def search(doc_emb: np.ndarray, query_emb: np.ndarray, k: int, backend: str = "faiss"):
     """Exact inner-product top-k: (scores (Q, k), indices (Q, k)); k is capped at the corpus size.
@@ -263,7 +135,7 @@ def search(doc_emb: np.ndarray, query_emb: np.ndarray, k: int, backend: str = "f
         index.add(doc_emb)
         return index.search(query_emb, k)
     if backend != "numpy":
-        raise ValueError(f"unknown search backend {backend!r} (faiss or numpy)")
+        raise UserError(f"unknown search backend {backend!r} (faiss or numpy)")
     scores = query_emb @ doc_emb.T  # (Q, D)
     idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Q, k)
     return np.take_along_axis(scores, idx, 1), idx
@@ -287,10 +159,6 @@ def hf_padded_encode(model_dir: str | os.PathLike, ids: list[list[int]], templat
     """Embeddings of pre-tokenised texts through transformers' AutoModel the way the released
     LLaRA code runs it: batches in the given order, left-padded to the longest (multiple of 8),
     SDPA attention, fp32 on CPU. Returns (embeddings (n, d), real tokens, padded tokens, seconds)."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoModel
-
     model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     suffix = list(template.sum_ids if kind == "passage" else template.pred_ids)
@@ -320,10 +188,6 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def run_evaluation(args) -> dict:
-    import torch
-
-    from llara_fast.encode import Encoder
-
     t_start = time.perf_counter()
     data = load_beir(args.beir, args.split)
     full_docs = len(data.doc_ids)
@@ -332,7 +196,7 @@ def run_evaluation(args) -> dict:
     print(f"{name} ({args.split}): {len(data.doc_ids)} documents, {len(data.query_ids)} queries to evaluate",
           file=sys.stderr)
     if not data.doc_ids or not data.query_ids:
-        raise ValueError(f"{args.beir}: nothing to evaluate ({len(data.doc_ids)} documents, "
+        raise UserError(f"{args.beir}: nothing to evaluate ({len(data.doc_ids)} documents, "
                          f"{len(data.query_ids)} queries with relevant documents)")
     t0 = time.perf_counter()
     enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, max_len=args.max_len,
@@ -384,13 +248,11 @@ def run_evaluation(args) -> dict:
 
 def hf_baseline(args, enc, ids, ours) -> dict:
     """Time a padded HF forward on the first passages and compare its embeddings with ours."""
-    from llara_fast.export import export
-
     # Our figure on exactly these passages, measured now (same machine state as the HF run).
     enc.encode_ids(ids, "passage")
     ours_stats = dict(enc.stats)
     with tempfile.TemporaryDirectory() as tmp:  # an export of exactly the weights we encode with
-        src = export(enc.model, enc.tokenizer, Path(tmp) / "hf", prompts=enc.prompts, source=args.model)
+        src = export(enc.model, enc.tokenizer, Path(tmp) / "hf", enc.prompts, ExportOptions(source=args.model))
         emb, real, padded, secs = hf_padded_encode(src, ids, enc.template, "passage", args.hf_batch_size)
     return {"passages": len(ids), "batch_size": args.hf_batch_size, "real_tokens": real, "padded_tokens": padded,
             "seconds": round(secs, 2), "real_tokens_per_s": round(real / secs, 1),
@@ -418,7 +280,7 @@ def format_report(r: dict) -> str:
                      f"{h['ours_same_passages_tokens_per_s']:.0f} tokens/s; max |HF - ours| = "
                      f"{h['max_abs_diff_vs_ours']:.2e}")
     for k, v in r["counts"].items():
-        lines.append(f"note: {_WHY.get(k, k)}: {v}")
+        lines.append(f"note: {REASONS.get(k, k)}: {v}")
     return "\n".join(lines)
 
 

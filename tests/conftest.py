@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -12,16 +14,16 @@ if not torch.cuda.is_available():  # Triton kernels run interpreted on CPU; set 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from llara_fast.data.packing import Example
-from llara_fast.data.templates import Template
+from llara_fast.batch import Example
+from llara_fast.templates import Template
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     """(model fp32, tokenizer, template) of the real SmolLM2-135M with the 16 tokens added."""
-    from llara_fast.hf import load_model
+    from llara_fast.io.load import load
 
-    model, tok = load_model("smollm2-135m", attn_backend="sdpa")
+    model, tok, _ = load("smollm2-135m", attn_backend="sdpa")
     return model.eval(), tok, Template.from_tokenizer(tok)
 
 
@@ -63,7 +65,7 @@ def hf_reference_model(model):
     """transformers' LlamaModel (eager attention; float64: see below) holding exactly our model's weights."""
     from transformers import LlamaConfig, LlamaModel
 
-    from llara_fast.hf import ours_to_hf
+    from llara_fast.io.hf import ours_to_hf
 
     cfg = LlamaConfig(**{k: v for k, v in model.args.to_hf_config().items() if k != "architectures"})
     dtype = model.tok_embeddings.weight.dtype
@@ -123,6 +125,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def hooked(module: str, *hook_args: str) -> list[str]:
+    """A run_entry target that runs `python -m module` under tests/hooked_run.py's Trainer hooks."""
+    return [str(Path(__file__).resolve().parent / "hooked_run.py"), *hook_args, "--", module]
+
+
+def step_hashes(directory) -> dict[int, int]:
+    """The global batch fingerprint of each step written by hooked_run.py --hash-dir (summed over
+    ranks; the last record of a step wins, as a resumed run re-runs it)."""
+    out: dict[int, dict[str, int]] = {}
+    for f in sorted(Path(directory).glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rec["step"], {})[f.name] = rec["hash"]
+    return {step: sum(v.values()) for step, v in sorted(out.items())}
 
 
 def run_entry(target: list[str], args, nproc: int = 1, env=None, check: bool = True, timeout: int = 300):

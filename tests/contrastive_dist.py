@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from llara_fast.contrastive import ContrastiveConfig, ContrastiveModule
+from llara_fast.objectives.contrastive import ContrastiveConfig, ContrastiveModule
 from llara_fast.data.packing import pack_encode_reference
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
-from llara_fast.data.templates import PromptConfig
+from llara_fast.templates import PromptConfig
 from llara_fast.encode import Encoder, main
-from llara_fast.export import export
-from llara_fast.hf import load_model
+from llara_fast.io.export import export
+from llara_fast.io.load import load
 
 from conftest import hf_reference_model
 
@@ -23,7 +23,7 @@ TEXTS = ["a short one", "The quick brown fox jumps over the lazy dog. " * 6, "",
 
 @pytest.fixture(scope="module")
 def debug():
-    model, tok = load_model("debug", attn_backend="sdpa", seed=1)
+    model, tok, _ = load("debug", attn_backend="sdpa", seed=1)
     return model.double().eval(), tok
 
 

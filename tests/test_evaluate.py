@@ -162,7 +162,7 @@ def test_load_scifact():
 
 # ---- CLI end to end -----------------------------------------------------------------------------
 def test_cli_end_to_end(tmp_path, capsys):
-    from llara_fast.export import main as export_main
+    from llara_fast.io.export import main as export_main
 
     ds = _write_beir(tmp_path / "ds", crlf=False)
     assert export_main(["--checkpoint", "debug", "--out", str(tmp_path / "m")]) == 0

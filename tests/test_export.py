@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from llara_fast.config import ModelArgs
-from llara_fast.data.templates import SPECIAL_TOKENS
+from llara_fast.templates import SPECIAL_TOKENS
 from llara_fast.encode import Encoder
-from llara_fast.export import export, load_training_checkpoint, main, parse_size
-from llara_fast.hf import load_tokenizer, read_safetensors, resolve_source, save_hf_dir
+from llara_fast.io.export import ExportOptions, export, main, parse_size
+from llara_fast.io.load import load
+from llara_fast.io.hf import load_tokenizer, read_safetensors, resolve_source, save_hf_dir
 from llara_fast.model import Transformer
 
 TEXTS = ["The llama is a domesticated South American camelid, widely used as a meat and pack animal.",
@@ -119,7 +120,7 @@ def test_export_errors(tmp_path, capsys):
     ckpt.mkdir(parents=True)
     (ckpt / ".metadata").write_bytes(b"")
     with pytest.raises(ValueError, match="COMPLETE"):
-        load_training_checkpoint(ckpt)
+        load(ckpt)
     (ckpt / "COMPLETE").write_text("{}")
     assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o2")]) == 2
     assert "config.toml: missing" in capsys.readouterr().err
@@ -134,11 +135,11 @@ def test_export_training_checkpoint(tmp_path):
     DCP weights, and the encoder reads it directly."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from llara_fast.data.prepare import prepare
-    from llara_fast.hf import ours_to_hf
+    from llara_fast.data.prepare import PrepareOptions, prepare
+    from llara_fast.io.hf import ours_to_hf
 
-    prepare(None, "wiki-sample", str(resolve_source("smollm2-135m")), 64, tmp_path / "data", limit=12,
-            progress=False, workers=1)
+    prepare(None, "wiki-sample", str(resolve_source("smollm2-135m")), 64, tmp_path / "data", PrepareOptions(limit=12,
+            progress=False, workers=1))
     cmd = [sys.executable, "-m", "llara_fast.pretrain", "--model.name", "debug", "--data.dir", str(tmp_path / "data"),
            "--run.steps", "1", "--run.out_dir", str(tmp_path / "run"), "--data.token_budget", "400"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -163,7 +164,7 @@ def test_card_recipe_roundtrip_smollm2(tmp_path, smollm2):
     from transformers import AutoModel, AutoTokenizer
 
     model, tok, _ = smollm2
-    out = export(model, tok, tmp_path / "exp", torch.float32, source="smollm2-135m")
+    out = export(model, tok, tmp_path / "exp", opts=ExportOptions(source="smollm2-135m"))
     hf = AutoModel.from_pretrained(out, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
     enc = Encoder(model, tok, device="cpu")

@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_entry
+from conftest import hooked, run_entry
 
 COMMON = ["--model.name", "debug", "--data.limit", "24", "--data.negatives", "2", "--optim.lr", "1e-3",
           "--optim.warmup_steps", "1", "--run.export", "false"]
 
 
-def _run(args, nproc=1, env=None, check=True):
-    return run_entry(["-m", "llara_fast.finetune"], args, nproc, env, check)
+def _run(args, nproc=1, hooks=(), check=True):
+    target = hooked("llara_fast.finetune", *hooks) if hooks else ["-m", "llara_fast.finetune"]
+    return run_entry(target, args, nproc, check=check)
 
 
 def _metrics(run_dir):
@@ -43,7 +44,7 @@ def test_resume_after_kill_is_exact(tmp_path):
     args = [*COMMON, "--run.steps", "5", "--run.ckpt_every", "2"]
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     _run([*args, "--run.out_dir", str(full)])
-    p = _run([*args, "--run.out_dir", str(crashed)], env={"LLARA_FAST_CRASH_AT_STEP": "3"}, check=False)
+    p = _run([*args, "--run.out_dir", str(crashed)], hooks=("--crash-at", "3"), check=False)
     assert p.returncode == -9
     assert sorted(c.name for c in (crashed / "checkpoints").iterdir())[-1] == "step_0000002"
     _run([*args, "--run.out_dir", str(crashed), "--run.resume", "true"])
@@ -59,14 +60,14 @@ def test_lora_run_exports_merged_weights(tmp_path):
     """LoRA fine-tuning changes only the adapted matrices; RUN/export (merged) and the training
     checkpoint (merged on load) hold the same weights; the export encodes like the checkpoint."""
     from llara_fast.encode import Encoder
-    from llara_fast.export import load_source
+    from llara_fast.io.load import load
 
     out = tmp_path / "lora"
     _run([*COMMON, "--run.steps", "2", "--run.out_dir", str(out), "--lora.rank", "4", "--lora.targets", "wq,w2",
           "--run.export", "true"])
-    ck, _, _ = load_source(str(out / "checkpoints" / "step_0000002"))
-    ex, tok, prompts = load_source(str(out / "export"))
-    base, _, _ = load_source("debug")
+    ck, _, _ = load(str(out / "checkpoints" / "step_0000002"))
+    ex, tok, prompts = load(str(out / "export"))
+    base, _, _ = load("debug")
     sc, se, sb = ck.state_dict(), ex.state_dict(), base.state_dict()
     assert sorted(sc) == sorted(se) == sorted(sb)
     for k in sb:
@@ -105,18 +106,18 @@ def test_model_tokenizer_and_checkpoint_sources(tmp_path):
     the export carries it); a training checkpoint brings its own tokenizer, so giving one is
     refused; `model.layers` cuts a checkpoint source too."""
     from llara_fast.data.sources import sentencepiece_model_path
-    from llara_fast.export import load_source
+    from llara_fast.io.load import load
 
     spm = str(sentencepiece_model_path())
     out = tmp_path / "spm"
     _run([*COMMON, "--model.tokenizer", spm, "--run.steps", "1", "--run.out_dir", str(out), "--run.export", "true"])
-    _, tok, _ = load_source(str(out / "export"))
+    _, tok, _ = load(str(out / "export"))
     assert len(tok) == 32016 and tok.convert_tokens_to_ids("<s1>") == 32000
     ck = str(out / "checkpoints" / "step_0000001")
     p = _run([*COMMON, "--model.name", ck, "--model.tokenizer", spm, "--run.steps", "1",
               "--run.out_dir", str(tmp_path / "x")], check=False)
     assert p.returncode == 1 and "brings its own weights and tokenizer" in p.stderr, p.stderr[-2000:]
-    model, tok2, _ = load_source(ck, layers=1)
+    model, tok2, _ = load(ck, layers=1)
     assert model.args.n_layers == len(model.layers) == 1 and len(tok2) == 32016
 
 
@@ -124,7 +125,7 @@ def test_loader_is_rank_independent_and_tops_up_negatives():
     """The global step's groups are the same for 1 and 2 ranks; a query with too few negatives
     is topped up with other queries' positives, never its own."""
     from conftest import toy_template
-    from llara_fast.finetune import ContrastiveLoader
+    from llara_fast.data.loader import ContrastiveLoader, GroupSpec
 
     recs = [([i + 1], [[100 + i]], [[200 + i]] if i % 2 else []) for i in range(5)]
     tpl = toy_template(300)
@@ -139,9 +140,9 @@ def test_loader_is_rank_independent_and_tops_up_negatives():
             out += [(texts[j], texts[q + j * mb.group:q + (j + 1) * mb.group]) for j in range(q)]
         return out
 
-    one = ContrastiveLoader(recs, tpl, queries=4, negatives=2, seed=3)
-    r0 = ContrastiveLoader(recs, tpl, queries=2, negatives=2, seed=3, dp_rank=0, dp_world=2)
-    r1 = ContrastiveLoader(recs, tpl, queries=2, negatives=2, seed=3, dp_rank=1, dp_world=2)
+    one = ContrastiveLoader(recs, tpl, GroupSpec(queries=4, negatives=2, seed=3))
+    r0 = ContrastiveLoader(recs, tpl, GroupSpec(queries=2, negatives=2, seed=3), dp_rank=0, dp_world=2)
+    r1 = ContrastiveLoader(recs, tpl, GroupSpec(queries=2, negatives=2, seed=3), dp_rank=1, dp_world=2)
     for _ in range(3):  # crosses an epoch boundary (5 records, 4 queries per step)
         g1 = groups(one)
         assert g1 == groups(r0) + groups(r1)
@@ -149,8 +150,8 @@ def test_loader_is_rank_independent_and_tops_up_negatives():
             assert pos == 99 + q and len(negs) == 2 and pos not in negs
     state = one.state_dict()
     want = groups(one)
-    again = ContrastiveLoader(recs, tpl, queries=4, negatives=2, seed=3)
+    again = ContrastiveLoader(recs, tpl, GroupSpec(queries=4, negatives=2, seed=3))
     again.load_state_dict(state)
     assert groups(again) == want
     with pytest.raises(ValueError, match="lower data.negatives"):
-        next(ContrastiveLoader(recs[:1], tpl, queries=1, negatives=2))
+        next(ContrastiveLoader(recs[:1], tpl, GroupSpec(queries=1, negatives=2)))

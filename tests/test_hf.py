@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from llara_fast.config import ModelArgs
-from llara_fast.data.templates import SPECIAL_TOKENS, Template
-from llara_fast.hf import (add_special_tokens, grow_embeddings, load_hf_model, load_tokenizer, read_safetensors,
-                           save_hf_dir)
+from llara_fast.templates import SPECIAL_TOKENS, Template
+from llara_fast.io.hf import (add_special_tokens, grow_embeddings, load_hf_model, load_tokenizer,
+                              read_safetensors, save_hf_dir)
 from llara_fast.model import Transformer
 
 
@@ -98,7 +98,7 @@ def test_smollm2_preset_and_gguf(smollm2):
     """The cached conversion equals transformers' own GGUF load; 16 new rows = mean of the old."""
     from transformers import AutoModelForCausalLM
 
-    from llara_fast.hf import smollm2_gguf_path
+    from llara_fast.io.hf import smollm2_gguf_path
 
     model, tok, tpl = smollm2
     assert len(tok) == 49168 and model.args.vocab_size == 49168
@@ -114,28 +114,28 @@ def test_smollm2_preset_and_gguf(smollm2):
     assert model.output is None  # tied
 
 
-def test_load_model_layers_and_random_init(smollm2):
+def test_load_layers_and_random_init(smollm2):
     """`layers` keeps the first L real blocks; `random_init` gives the preset's shape with fresh
     weights (built with L blocks directly) and the same tokenizer; bad values are refused."""
-    from llara_fast.hf import load_model
+    from llara_fast.io.load import load
 
     real = smollm2[0]
-    cut, tok = load_model("smollm2-135m", attn_backend="sdpa", layers=2)
+    cut, tok, _ = load("smollm2-135m", attn_backend="sdpa", layers=2)
     assert len(cut.layers) == cut.args.n_layers == 2 and len(tok) == 49168
     torch.testing.assert_close(cut.layers[1].attention.wq.weight, real.layers[1].attention.wq.weight, rtol=0, atol=0)
     torch.testing.assert_close(cut.norm.weight, real.norm.weight, rtol=0, atol=0)
 
-    rnd, tok2 = load_model("smollm2-135m", attn_backend="sdpa", random_init=True, layers=3, seed=1)
+    rnd, tok2, _ = load("smollm2-135m", attn_backend="sdpa", random_init=True, layers=3, seed=1)
     assert len(rnd.layers) == rnd.args.n_layers == 3 and rnd.args.weights is None
     assert rnd.args.dim == real.args.dim and rnd.args.vocab_size == real.args.vocab_size == len(tok2)
     assert not torch.equal(rnd.layers[0].attention.wq.weight, real.layers[0].attention.wq.weight)
     assert float(rnd.layers[0].attention.wq.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
-    again, _ = load_model("smollm2-135m", attn_backend="sdpa", random_init=True, layers=3, seed=1)
+    again, _, _ = load("smollm2-135m", attn_backend="sdpa", random_init=True, layers=3, seed=1)
     torch.testing.assert_close(again.tok_embeddings.weight, rnd.tok_embeddings.weight, rtol=0, atol=0)
 
     with pytest.raises(ValueError, match=r"layers must be in 1\.\.30"):
-        load_model("smollm2-135m", layers=31)
+        load("smollm2-135m", layers=31)
     with pytest.raises(ValueError, match=r"layers must be in 1\.\.2"):
-        load_model("debug", layers=5)
+        load("debug", layers=5)
     with pytest.raises(ValueError, match="random_init takes a preset"):
-        load_model(str(Path(__file__).parent), random_init=True)
+        load(str(Path(__file__).parent), random_init=True)

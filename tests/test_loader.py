@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import random_examples, toy_template
-from llara_fast.data import packing
-from llara_fast.data.loader import PackedLoader
+from llara_fast.data.native import native_packer_available
+from llara_fast.data.loader import LoaderOptions, PackedLoader
 from llara_fast.data.packing import pack_greedy_reference
 from llara_fast.data.shards import ExampleStream, epoch_order
 from test_packing import assert_same_batch
@@ -32,12 +32,12 @@ def expected_batches(ds, exs, tpl, epochs, **kw):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_batches_match_reference(data, native):
-    if native and not packing.native_packer_available():
+    if native and not native_packer_available():
         pytest.skip("llara_fast._C is not built")
     ds, exs = data
     tpl = toy_template(300)
-    with PackedLoader(ds, tpl, MAX_LEN, BUDGET, seed=0, epochs=2, prefetch=2, groups_per_call=3,
-                      native=native) as loader:
+    with PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(seed=0, epochs=2, prefetch=2, groups_per_call=3,
+                      native=native)) as loader:
         got = list(loader)
     ref = expected_batches(ds, exs, tpl, 2)
     assert len(got) == len(ref)
@@ -52,35 +52,35 @@ def test_resume_is_exact_despite_prefetch(data):
     ds, exs = data
     tpl = toy_template(300)
     kw = dict(seed=4, epochs=3, prefetch=4, groups_per_call=2)
-    full = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, **kw))
+    full = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(**kw)))
     n_epoch0 = len(expected_batches(ds, exs, tpl, 1, seed=4))
     for cut in (1, 3, n_epoch0, n_epoch0 + 2):
-        a = PackedLoader(ds, tpl, MAX_LEN, BUDGET, **kw)
+        a = PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(**kw))
         head = [next(a) for _ in range(cut)]
         state = a.state_dict()
         a.close()
-        b = PackedLoader(ds, tpl, MAX_LEN, BUDGET, **kw)
+        b = PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(**kw))
         b.load_state_dict(state)
         rest = list(b)
         assert len(head) + len(rest) == len(full), cut
         for x, y in zip(full, head + rest):
             assert_same_batch(x, y)
     # restoring into a running loader restarts its producer at the restored point
-    c = PackedLoader(ds, tpl, MAX_LEN, BUDGET, **kw)
+    c = PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(**kw))
     for _ in range(5):
         next(c)
     c.load_state_dict(state)
     assert_same_batch(next(c), full[n_epoch0 + 2])
     c.close()
     with pytest.raises(ValueError, match="token_budget"):
-        PackedLoader(ds, tpl, MAX_LEN, BUDGET + 1, **kw).load_state_dict(state)
+        PackedLoader(ds, tpl, MAX_LEN, BUDGET + 1, LoaderOptions(**kw)).load_state_dict(state)
 
 
 def test_ranks_and_limits(data):
     ds, exs = data
     tpl = toy_template(300)
     for r in range(2):
-        got = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, seed=1, rank=r, world_size=2, epochs=1))
+        got = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(seed=1, rank=r, world_size=2, epochs=1)))
         ref = expected_batches(ds, exs, tpl, 1, seed=1, rank=r, world_size=2)
         assert len(got) == len(ref)
         for a, b in zip(ref, got):
@@ -89,7 +89,7 @@ def test_ranks_and_limits(data):
         PackedLoader(ds, tpl, 33, BUDGET)
     with pytest.raises(ValueError, match="token budget"):
         next(PackedLoader(ds, tpl, MAX_LEN, 40))  # an example of 24 + 23 tokens cannot fit: raised in __next__
-    infinite = PackedLoader(ds, tpl, MAX_LEN, BUDGET, prefetch=1)  # epochs=None: rolls over forever
+    infinite = PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(prefetch=1))  # epochs=None: rolls over forever
     n = sum(1 for _, b in zip(range(100), infinite))
     assert n == 100 and infinite.state_dict()["epoch"] >= 2
     infinite.close()
@@ -102,7 +102,7 @@ def test_stream_and_loader_agree(data):
     ds, _ = data
     tpl = toy_template(300)
     exs = [e for e in ExampleStream(ds, seed=2, epochs=1)]
-    got = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, seed=2, epochs=1))
+    got = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(seed=2, epochs=1)))
     for a, b in zip(pack_greedy_reference(exs, tpl, MAX_LEN, BUDGET), got):
         assert_same_batch(a, b)
 
@@ -113,19 +113,19 @@ def test_microbatch_sharding_is_world_size_independent(data):
     ds, exs = data
     tpl = toy_template(300)
     kw = dict(seed=2, epochs=2, prefetch=2, groups_per_call=2)
-    single = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, **kw))
-    r0 = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=0, dp_world=2, **kw))
-    r1 = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=1, dp_world=2, **kw))
+    single = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(**kw)))
+    r0 = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(dp_rank=0, dp_world=2, **kw)))
+    r1 = list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(dp_rank=1, dp_world=2, **kw)))
     assert len(r0) + len(r1) == len(single)
     for i, b in enumerate(single):
         assert_same_batch(b, (r0 if i % 2 == 0 else r1)[i // 2])
-    a = PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=1, dp_world=2, **kw)
+    a = PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(dp_rank=1, dp_world=2, **kw))
     head = [next(a) for _ in range(3)]
     state = a.state_dict()
     a.close()
-    b = PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=1, dp_world=2, **kw)
+    b = PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(dp_rank=1, dp_world=2, **kw))
     b.load_state_dict(state)
     for x, y in zip(head + list(b), r1):
         assert_same_batch(x, y)
     with pytest.raises(ValueError, match="dp_world=2, this run has 3"):
-        PackedLoader(ds, tpl, MAX_LEN, BUDGET, dp_rank=1, dp_world=3, **kw).load_state_dict(state)
+        PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(dp_rank=1, dp_world=3, **kw)).load_state_dict(state)

@@ -10,9 +10,10 @@ import torch
 from conftest import hf_reference_model, random_examples, reference_layout, toy_template
 from errmodel import assert_within, xent_grad_tol
 from llara_fast.config import ModelArgs
-from llara_fast.data.packing import Example, pack_reference
-from llara_fast.hf import ours_to_hf
-from llara_fast.loss import LossConfig, llara_loss
+from llara_fast.batch import Example
+from llara_fast.data.packing import pack_reference
+from llara_fast.io.hf import ours_to_hf
+from llara_fast.objectives.llara import LossConfig, llara_loss
 from llara_fast.model import Transformer
 
 
@@ -156,7 +157,8 @@ def test_weights_and_empty_sets():
 
 
 def test_train_step_rejects_out_of_vocab_ids():
-    from llara_fast.train import LlaraTrainModule, build_optimizer, train_step
+    from llara_fast.objectives.llara import LlaraObjective, LlaraTrainModule
+    from llara_fast.train.step import build_optimizer, optimizer_step
 
     args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=60, ffn_hidden=24)
     model = Transformer(args, attn_backend="sdpa")
@@ -166,4 +168,5 @@ def test_train_step_rejects_out_of_vocab_ids():
     b.sum_ids[0] = 60
     module = LlaraTrainModule(model, LossConfig())
     with pytest.raises(ValueError, match="sum_ids holds id 60, outside the model's vocabulary"):
-        train_step(module, [b], build_optimizer(module, 1e-3, 0.0), device=torch.device("cpu"))
+        optimizer_step(module, [b], build_optimizer(module, 1e-3, 0.0), None, LlaraObjective(60),
+                       device=torch.device("cpu"))

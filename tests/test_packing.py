@@ -9,11 +9,12 @@ import torch
 
 from conftest import random_examples, toy_template
 import llara_fast
-from llara_fast.data import packing
-from llara_fast.data.packing import (NativePacker, examples_to_source, example_num_tokens, greedy_groups,
-                                     greedy_offsets, pack, pack_greedy, pack_greedy_reference, pack_reference)
+from llara_fast.data import native
+from llara_fast.data.native import native_packer_available
+from llara_fast.data.native import NativePacker, examples_to_source, greedy_offsets, pack, pack_greedy
+from llara_fast.data.packing import example_num_tokens, greedy_groups, pack_greedy_reference, pack_reference
 
-needs_native = pytest.mark.skipif(not packing.native_packer_available(), reason="llara_fast._C is not built")
+needs_native = pytest.mark.skipif(not native_packer_available(), reason="llara_fast._C is not built")
 
 
 @pytest.mark.parametrize("n_special", [1, 8])
@@ -186,7 +187,7 @@ def test_greedy_offsets_match_greedy_groups(max_groups):
 def test_fallback_without_extension(monkeypatch):
     """No extension: one clear warning, then the reference packer's output."""
     monkeypatch.setattr(llara_fast, "_C", None)
-    monkeypatch.setattr(packing, "_FALLBACK_SAID", False)
+    monkeypatch.setattr(native, "_FALLBACK_SAID", False)
     rng = np.random.default_rng(5)
     tpl = toy_template(100)
     exs = random_examples(rng, rng.integers(0, 30, size=10), 100)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from llara_fast.data import prepare as P
+from llara_fast.data.text import STOPWORDS, remove_stopwords, split_sentences
 from llara_fast.data.shards import ShardedDataset, tokenizer_fingerprint
 from llara_fast.data.sources import sentencepiece_model_path
-from llara_fast.data.templates import Template
+from llara_fast.templates import Template
 
 SYLLABLES = [c + v + n for n in ("", "n") for c in "bcdfghjklmnprstvwxyz" for v in "aeiou"]  # ~250 tokens, ~170 ids
 RELEASED = [  # the released LLaRA format: one object per line, read unchanged
@@ -40,7 +41,7 @@ def write_jsonl(path, rows):
 def run(tmp_path, inp, fmt="llara-jsonl", name="out", **kw):
     kw.setdefault("workers", 1)
     kw.setdefault("progress", False)
-    return P.prepare(inp, fmt, "smollm2-135m", kw.pop("max_len", MAX_LEN), tmp_path / name, **kw)
+    return P.prepare(inp, fmt, "smollm2-135m", kw.pop("max_len", MAX_LEN), tmp_path / name, P.PrepareOptions(**kw))
 
 
 def test_released_format_roundtrip(tmp_path, smol):
@@ -140,13 +141,13 @@ def test_cutoff_len_as_released(tmp_path, smol):
 def test_remove_stopwords_released_rule():
     r"""re.sub(r'[\W_]+', ' ', t) (Unicode \W: symbols, emoji, combining marks and underscores go;
     letters and digits of any script stay), then NLTK English stop words (lower-cased) dropped."""
-    assert P.remove_stopwords("The cat, and THE dog; were not here!") == "cat dog"
-    assert P.remove_stopwords("snake_case_name and 3.14 π≈3") == "snake case name 3 14 π 3"
-    assert P.remove_stopwords("cafe\u0301 naïve") == "cafe naïve"  # a combining acute is not a word character
-    assert P.remove_stopwords("Zürich—東京 🚀 it's") == "Zürich 東京"  # "it" and "s" are stop words
-    assert P.remove_stopwords("don't ×2 ½ x² ٣") == "2 ½ x² ٣"  # digits of any kind are word characters
-    assert P.remove_stopwords("The__END__ of_the LINE") == "END LINE"
-    assert len(P.STOPWORDS) == 179
+    assert remove_stopwords("The cat, and THE dog; were not here!") == "cat dog"
+    assert remove_stopwords("snake_case_name and 3.14 π≈3") == "snake case name 3 14 π 3"
+    assert remove_stopwords("cafe\u0301 naïve") == "cafe naïve"  # a combining acute is not a word character
+    assert remove_stopwords("Zürich—東京 🚀 it's") == "Zürich 東京"  # "it" and "s" are stop words
+    assert remove_stopwords("don't ×2 ½ x² ٣") == "2 ½ x² ٣"  # digits of any kind are word characters
+    assert remove_stopwords("The__END__ of_the LINE") == "END LINE"
+    assert len(STOPWORDS) == 179
 
 
 def test_remove_stopwords(tmp_path, smol):
@@ -161,7 +162,7 @@ def test_remove_stopwords(tmp_path, smol):
 
 def test_split_sentences():
     text = 'He said "Hi." Then left. e.g. this stays. U.S. troops! Next?  Yes\n\nNew para'
-    parts = [text[a:b] for a, b in P.split_sentences(text)]
+    parts = [text[a:b] for a, b in split_sentences(text)]
     assert parts == ['He said "Hi."', "Then left. e.g. this stays.", "U.S. troops!", "Next?", "Yes", "New para"]
 
 
@@ -186,8 +187,8 @@ def test_cli_wiki_sample_parallel(tmp_path):
 def test_sentencepiece_tokenizer_and_fingerprint_check(tmp_path, smol):
     tok, _ = smol
     path = write_jsonl(tmp_path / "d.jsonl", RELEASED[:1])
-    s = P.prepare(path, "llara-jsonl", str(sentencepiece_model_path()), 32, tmp_path / "sp", workers=1,
-                  progress=False)
+    s = P.prepare(path, "llara-jsonl", str(sentencepiece_model_path()), 32, tmp_path / "sp", P.PrepareOptions(workers=1,
+                  progress=False))
     ds = ShardedDataset(tmp_path / "sp")
     sp = P._load_tokenizer(P.resolve_tokenizer(str(sentencepiece_model_path())))
     assert s["examples"] == 1 and ds.manifest["tokenizer"]["vocab_size"] == 32016
@@ -196,7 +197,7 @@ def test_sentencepiece_tokenizer_and_fingerprint_check(tmp_path, smol):
     with pytest.raises(ValueError, match="prepare the data again"):
         ds.check_tokenizer(tok)
     with pytest.raises(P.PrepareError, match="neither a preset"):
-        P.prepare(path, "llara-jsonl", "no-such-model", 32, tmp_path / "x", workers=1, progress=False)
+        P.prepare(path, "llara-jsonl", "no-such-model", 32, tmp_path / "x", P.PrepareOptions(workers=1, progress=False))
 
 
 def test_wiki_sample_path_override(tmp_path, monkeypatch):

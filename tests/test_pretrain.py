@@ -6,23 +6,25 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_entry
+from conftest import hooked, run_entry, step_hashes
 
 COMMON = ["--model.name", "debug", "--data.token_budget", "500", "--optim.lr", "1e-3", "--optim.warmup_steps", "1"]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from llara_fast.data.prepare import prepare
-    from llara_fast.hf import resolve_source
+    from llara_fast.data.prepare import PrepareOptions, prepare
+    from llara_fast.io.hf import resolve_source
 
     out = tmp_path_factory.mktemp("data") / "wiki"
-    prepare(None, "wiki-sample", str(resolve_source("smollm2-135m")), 96, out, limit=150, progress=False, workers=1)
+    prepare(None, "wiki-sample", str(resolve_source("smollm2-135m")), 96, out,
+            PrepareOptions(limit=150, progress=False, workers=1))
     return out
 
 
-def _run(args, nproc=1, env=None, check=True):
-    return run_entry(["-m", "llara_fast.pretrain"], args, nproc, env, check)
+def _run(args, nproc=1, hooks=(), check=True):
+    target = hooked("llara_fast.pretrain", *hooks) if hooks else ["-m", "llara_fast.pretrain"]
+    return run_entry(target, args, nproc, check=check)
 
 
 def _metrics(run_dir):
@@ -33,12 +35,14 @@ def test_fsdp_two_processes_match_one_and_learn(tmp_path, data_dir):
     """Same global batch: 1 process × 2 accumulated micro-batches == 2 processes × 1."""
     one, two = tmp_path / "one", tmp_path / "two"
     _run([*COMMON, "--data.dir", str(data_dir), "--run.steps", "5", "--run.out_dir", str(one),
-          "--data.grad_accum", "2"])
-    _run([*COMMON, "--data.dir", str(data_dir), "--run.steps", "5", "--run.out_dir", str(two)], nproc=2)
+          "--data.grad_accum", "2"], hooks=("--hash-dir", str(tmp_path / "h1")))
+    _run([*COMMON, "--data.dir", str(data_dir), "--run.steps", "5", "--run.out_dir", str(two)], nproc=2,
+         hooks=("--hash-dir", str(tmp_path / "h2")))
     a, b = _metrics(one), _metrics(two)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    assert step_hashes(tmp_path / "h1") == step_hashes(tmp_path / "h2")  # the same global batches
     for x, y in zip(a, b):
-        assert x["data_hash"] == y["data_hash"] and x["passages"] == y["passages"]
+        assert x["passages"] == y["passages"] and x["tokens"] == y["tokens"]
         for k in ("loss", "lm", "ebae", "ebar"):
             assert x[k] == pytest.approx(y[k], rel=1e-5), (x["step"], k)
     assert a[-1]["loss"] < a[0]["loss"] - 0.05  # it learns
@@ -49,25 +53,26 @@ def test_fsdp_two_processes_match_one_and_learn(tmp_path, data_dir):
 def test_resume_after_kill_is_exact(tmp_path, data_dir):
     args = [*COMMON, "--data.dir", str(data_dir), "--run.steps", "6", "--run.ckpt_every", "2"]
     full = tmp_path / "full"
-    _run([*args, "--run.out_dir", str(full)])
+    _run([*args, "--run.out_dir", str(full)], hooks=("--hash-dir", str(tmp_path / "h_full")))
     crashed = tmp_path / "crashed"
-    p = _run([*args, "--run.out_dir", str(crashed)], env={"LLARA_FAST_CRASH_AT_STEP": "5"}, check=False)
+    p = _run([*args, "--run.out_dir", str(crashed)], hooks=("--crash-at", "5"), check=False)
     assert p.returncode == -9
     ck = sorted((crashed / "checkpoints").iterdir())
     assert [c.name for c in ck][-1] == "step_0000004"  # step 5 ran but was not saved
-    _run([*args, "--run.out_dir", str(crashed), "--run.resume", "true"])
+    _run([*args, "--run.out_dir", str(crashed), "--run.resume", "true"], hooks=("--hash-dir", str(tmp_path / "h_res")))
     want = {m["step"]: m for m in _metrics(full)}
     got = _metrics(crashed)
     assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 5, 6]  # step 5 re-run after the crash
+    full_hashes = step_hashes(tmp_path / "h_full")
+    assert step_hashes(tmp_path / "h_res") == {5: full_hashes[5], 6: full_hashes[6]}  # the same batches
     for m in got[-2:]:
         w = want[m["step"]]
-        assert m["data_hash"] == w["data_hash"]
         for k in ("loss", "lm", "ebae", "ebar", "grad_norm"):
             assert m[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), (m["step"], k)
 
 
 def test_clear_errors(tmp_path, data_dir):
-    from llara_fast.data.prepare import prepare
+    from llara_fast.data.prepare import PrepareOptions, prepare
     from llara_fast.data.sources import sentencepiece_model_path
 
     p = _run(["--run.stepz", "3"], check=False)
@@ -78,7 +83,8 @@ def test_clear_errors(tmp_path, data_dir):
     assert p.returncode == 2 and "optim.lr: expected float" in p.stderr
 
     other = tmp_path / "other"
-    prepare(None, "wiki-sample", str(sentencepiece_model_path()), 96, other, limit=20, progress=False, workers=1)
+    prepare(None, "wiki-sample", str(sentencepiece_model_path()), 96, other,
+            PrepareOptions(limit=20, progress=False, workers=1))
     p = _run([*COMMON, "--data.dir", str(other), "--run.steps", "1", "--run.out_dir", str(tmp_path / "r")],
              check=False)
     assert p.returncode != 0 and "prepare the data again with this model's tokenizer" in p.stderr
@@ -113,14 +119,14 @@ def test_model_tokenizer_option(tmp_path):
     one): the data is prepared with it, the token ids fit the
     embedding, and the checkpoint reloads with that tokenizer."""
     from llara_fast.data.sources import sentencepiece_model_path
-    from llara_fast.export import load_source
+    from llara_fast.io.load import load
 
     spm = str(sentencepiece_model_path())
     out = tmp_path / "run"
     _run(["--model.name", "debug", "--model.tokenizer", spm, "--data.limit", "16", "--data.token_budget", "500",
           "--run.steps", "1", "--run.out_dir", str(out)])
     assert f'tokenizer = "{spm}"' in (out / "config.toml").read_text()
-    model, tok, _ = load_source(str(out / "checkpoints" / "step_0000001"))
+    model, tok, _ = load(str(out / "checkpoints" / "step_0000001"))
     assert len(tok) == 32016 <= model.args.vocab_size  # the debug preset keeps its 49,152 rows
     assert tok.convert_tokens_to_ids("<s16>") == 32015
 
@@ -128,7 +134,7 @@ def test_model_tokenizer_option(tmp_path):
 def test_random_init_preset(tmp_path):
     """`model.random_init` trains a weights-shipping preset's shape from random weights (the speed
     runs on a GPU machine without the weights package); the checkpoint reloads at L blocks."""
-    from llara_fast.export import load_source
+    from llara_fast.io.load import load
 
     out = tmp_path / "run"
     _run(["--model.name", "smollm2-135m", "--model.random_init", "true", "--model.layers", "1",
@@ -137,5 +143,5 @@ def test_random_init_preset(tmp_path):
     first = _metrics(out)[0]
     for part in ("lm", "ebae", "ebar"):  # near-uniform logits at random init (1 real block gives 15-22)
         assert first[part] == pytest.approx(math.log(49168), abs=0.3), part
-    model, tok, _ = load_source(str(out / "checkpoints" / "step_0000002"))
+    model, tok, _ = load(str(out / "checkpoints" / "step_0000002"))
     assert model.args.n_layers == 1 and model.args.dim == 576 and len(tok) == 49168

@@ -16,11 +16,12 @@ import torch
 
 from conftest import hf_reference_model
 from llara_fast.data import prepare as P
+from llara_fast.data.text import STOPWORDS
 from llara_fast.data.packing import pack_reference
 from llara_fast.data.shards import ShardedDataset
 from llara_fast.data.sources import iter_wiki_sample
-from llara_fast.data.templates import Lengths, Template
-from llara_fast.loss import LossConfig, llara_loss
+from llara_fast.templates import Lengths, Template
+from llara_fast.objectives.llara import LossConfig, llara_loss
 
 CUTOFF = 128
 PROMPT = '"'
@@ -43,7 +44,7 @@ def released_stopwords(text: str, stop_words) -> str:
 
 def released_batch(tok, records, cutoff_len, remove_stop_words):
     """TrainDatasetForEmbedding.__getitem__ + EmbedCollator, transcribed (left padding)."""
-    stop_words = set(P.STOPWORDS) | {'!', ',', '.', '?'}
+    stop_words = set(STOPWORDS) | {'!', ',', '.', '?'}
     prefix_ids = tok(PROMPT, truncation=True, max_length=cutoff_len)['input_ids']
     sum_ids, pred_ids = tok(list(SUFFIXES), truncation=True, max_length=cutoff_len, add_special_tokens=False)['input_ids']
     rows, labels, outs_s, outs_p = [], [], [], []
@@ -101,8 +102,8 @@ def test_prepare_cutoff_len_matches_released_recipe(tmp_path, smollm2, remove_st
     records = released_records()
     path = tmp_path / "released.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    P.prepare(path, "llara-jsonl", "smollm2-135m", None, tmp_path / "data", cutoff_len=CUTOFF,
-              remove_stopwords=remove_stopwords, workers=1, progress=False)
+    P.prepare(path, "llara-jsonl", "smollm2-135m", None, tmp_path / "data", P.PrepareOptions(cutoff_len=CUTOFF,
+              remove_stopwords=remove_stopwords, workers=1, progress=False))
     ds = ShardedDataset(tmp_path / "data", tokenizer=tok)
     exs = [ds.example(i) for i in range(len(ds))]
     lengths = Lengths.resolve(tpl, cutoff_len=CUTOFF)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import random_examples
-from llara_fast.data.packing import examples_to_source
+from llara_fast.data.native import examples_to_source
 from llara_fast.data.shards import (MANIFEST, ExampleStream, ShardedDataset, ShardWriter, epoch_order,
                                     token_dtype_for, write_manifest)
 

@@ -17,10 +17,10 @@ import torch
 from conftest import _float64_norms_and_rope, random_examples, reference_layout, toy_template
 from llara_fast.config import ModelArgs
 from llara_fast.data.packing import pack_reference
-from llara_fast.hf import ours_to_hf
-from llara_fast.loss import LossConfig
+from llara_fast.io.hf import ours_to_hf
+from llara_fast.objectives.llara import LossConfig
 from llara_fast.model import Transformer
-from llara_fast.train import LlaraTrainModule
+from llara_fast.objectives.llara import LlaraTrainModule
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -23,13 +23,26 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from llara_fast.data.packing import (NativePacker, PackedBatch, _use_native, greedy_offsets, pack_reference)
-from llara_fast.data.shards import ExampleStream, ShardedDataset, check_resume_state
-from llara_fast.data.templates import Template
+from llara_fast.batch import PackedBatch
+from llara_fast.data.native import NativePacker, greedy_offsets, use_native
+from llara_fast.data.packing import pack_encode_reference, pack_reference
+from llara_fast.data.prepare import PrepareOptions, cached_prepare_dir, prepare
+from llara_fast.data.shards import (
+    MANIFEST,
+    ExampleStream,
+    ShardedDataset,
+    check_resume_state,
+)
+from llara_fast.errors import UserError
+from llara_fast.io.hf import resolve_source
+from llara_fast.templates import Lengths, Template
 
 
 class _End:
@@ -41,34 +54,50 @@ class _Failed:
         self.exc = exc
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    seed: int = 0                   # shuffling seed
+    rank: int = 0                   # example-level sharding: this rank of world_size
+    world_size: int = 1
+    shuffle: bool = True
+    epochs: int | None = None       # None: forever
+    prefetch: int = 4               # batches queued ahead
+    groups_per_call: int = 4        # micro-batches per call of the C++ packer
+    n_threads: int = 0              # C++ packer threads (0: its default)
+    pin_memory: bool | None = None  # None: when CUDA is available
+    native: bool | None = None      # None: the C++ packer when built; True: require it; False: the reference
+    dp_rank: int = 0                # micro-batch-level dealing: this rank of dp_world
+    dp_world: int = 1
+
+
 class PackedLoader:
     """Iterator of PackedBatch for one data-parallel rank (``epochs=None``: forever).
 
     Attributes worth logging: ``wait_seconds`` (time __next__ blocked on the producer; ~0 when
     packing keeps up), ``batches``, ``examples``."""
 
-    def __init__(self, dataset: ShardedDataset, template: Template, max_len: int, token_budget: int, *,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 epochs: int | None = None, prefetch: int = 4, groups_per_call: int = 4, n_threads: int = 0,
-                 pin_memory: bool | None = None, native: bool | None = None, dp_rank: int = 0, dp_world: int = 1):
+    def __init__(self, dataset: ShardedDataset, template: Template, max_len: int, token_budget: int,
+                 opts: LoaderOptions = LoaderOptions()):
+        prefetch, groups_per_call, dp_rank, dp_world = opts.prefetch, opts.groups_per_call, opts.dp_rank, opts.dp_world
         if max_len > dataset.max_len:
-            raise ValueError(f"max_len {max_len} exceeds the max_len {dataset.max_len} the data was prepared "
+            raise UserError(f"max_len {max_len} exceeds the max_len {dataset.max_len} the data was prepared "
                              "with (passages were already cut there); prepare again or lower max_len")
         if prefetch < 1 or groups_per_call < 1:
-            raise ValueError("prefetch and groups_per_call must be >= 1")
+            raise UserError("prefetch and groups_per_call must be >= 1")
         self.dataset, self.template, self.max_len, self.token_budget = dataset, template, max_len, token_budget
         self.prefetch, self.groups_per_call = prefetch, groups_per_call
         if not 0 <= dp_rank < dp_world:
-            raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_world - 1}")
+            raise UserError(f"dp_rank {dp_rank} outside 0..{dp_world - 1}")
         self.dp_rank, self.dp_world = dp_rank, dp_world
         self._group = 0  # global index of the next micro-batch (group) in the stream
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._stream = ExampleStream(dataset, seed, rank, world_size, shuffle, epochs)  # order + position
-        self._native = _use_native(native)
-        self._packer = NativePacker(template, max_len, n_threads) if self._native else None
+        self.pin_memory = torch.cuda.is_available() if opts.pin_memory is None else opts.pin_memory
+        self._stream = ExampleStream(dataset, opts.seed, opts.rank, opts.world_size, opts.shuffle,
+                                     opts.epochs)  # order + position
+        self._native = use_native(opts.native)
+        self._packer = NativePacker(template, max_len, opts.n_threads) if self._native else None
         self.fixed_tokens = len(template.prefix_ids) + len(template.sum_ids) + len(template.pred_ids)
         if self.fixed_tokens > token_budget:
-            raise ValueError(f"token budget {token_budget} is below the {self.fixed_tokens} prompt tokens of one example")
+            raise UserError(f"token budget {token_budget} is below the {self.fixed_tokens} prompt tokens of one example")
         self._window = groups_per_call * (token_budget // self.fixed_tokens + 1)
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
@@ -196,3 +225,121 @@ class PackedLoader:
             return self._packer.pack(self.dataset.sources, shard, local, offs)
         exs = [self.dataset.example(int(i)) for i in indices]
         return [pack_reference(exs[a:b], self.template, self.max_len) for a, b in zip(offs[:-1], offs[1:])]
+
+
+def llara_loader(cfg, tokenizer, template: Template, rank: int, world: int) -> PackedLoader:
+    """The PackedLoader of a pretraining config (its data, model and run sections): data.dir, or
+    data.format prepared once (rank 0; the others wait) into a cache next to the runs. Refuses data
+    of another tokenizer or, when data.cutoff_len is set, of another cutoff."""
+    d, m = cfg.data, cfg.model
+    lengths = Lengths.resolve(template, cutoff_len=d.cutoff_len or None, max_len=None if d.cutoff_len else d.max_len)
+    if d.dir:
+        data_dir = Path(d.dir)
+    else:
+        src = None if m.random_init else resolve_source(m.name)
+        tok_spec = m.tokenizer or (str(src) if src is not None else "smollm2-135m")
+        data_dir = cached_prepare_dir(Path(cfg.run.out_dir).parent / "data", d, tok_spec)
+        if rank == 0 and not (data_dir / MANIFEST).is_file():
+            prepare(d.input or None, d.format, tok_spec, None if d.cutoff_len else d.max_len, data_dir,
+                    PrepareOptions(cutoff_len=d.cutoff_len or None, limit=d.limit or None, overwrite=True))
+        dist.barrier()
+    dataset = ShardedDataset(data_dir, tokenizer=tokenizer)  # refuses data of another tokenizer
+    if d.cutoff_len and dataset.cutoff_len != d.cutoff_len:
+        raise UserError(f"{data_dir}: prepared with cutoff_len {dataset.cutoff_len}, but data.cutoff_len is "
+                        f"{d.cutoff_len} (the targets were cut at the former); prepare the data again")
+    return PackedLoader(dataset, template, min(lengths.text, dataset.max_len), d.token_budget,
+                        LoaderOptions(seed=d.seed, dp_rank=rank, dp_world=world))
+
+
+# ---- contrastive fine-tuning ------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupSpec:
+    queries: int         # queries per micro-batch and rank
+    negatives: int       # hard negatives per query (group = 1 + negatives)
+    grad_accum: int = 1  # micro-batches per rank per step
+    seed: int = 0
+
+
+@dataclass
+class ContrastiveBatch:
+    batch: PackedBatch               # n_queries queries, then n_queries * group passages
+    special: torch.Tensor            # (n_queries * (1 + group), K) positions averaged per text
+    n_queries: int
+    group: int
+
+
+class ContrastiveLoader:
+    """Deterministic micro-batches of (query, positive, negatives) groups, dealt to ranks.
+
+    The stream of query slots is the concatenation of per-epoch permutations; step s takes the
+    next ``queries * world * grad_accum`` slots, and micro-batch i of rank r is slot block
+    i * world + r (as PackedLoader deals), so the global step does not depend on the number of
+    ranks. The positive and negatives of a slot are drawn from a generator seeded by
+    (seed, slot), so resuming at a slot reproduces the run exactly."""
+
+    def __init__(self, records: list[tuple[list[int], list[list[int]], list[list[int]]]], template: Template,
+                 groups: GroupSpec, dp_rank: int = 0, dp_world: int = 1):
+        if not records:
+            raise UserError("no usable training records")
+        self.records, self.template = records, template
+        self.queries, self.negatives, self.grad_accum = groups.queries, groups.negatives, groups.grad_accum
+        self.seed, self.dp_rank, self.dp_world = groups.seed, dp_rank, dp_world
+        self.slot = 0  # next global query slot
+        self._perm_epoch, self._perm = -1, None
+        # Passages to draw from when a query has fewer negatives than asked: every positive.
+        self.pool = [(i, j) for i, (_, pos, _) in enumerate(records) for j in range(len(pos))]
+
+    def _record(self, slot: int) -> int:
+        n = len(self.records)
+        epoch = slot // n
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            self._perm_epoch = epoch
+        return int(self._perm[slot % n])
+
+    def _group(self, slot: int) -> tuple[list[int], list[list[int]]]:
+        i = self._record(slot)
+        q, pos, neg = self.records[i]
+        rng = np.random.default_rng([self.seed, slot, 1])
+        passages = [pos[int(rng.integers(len(pos)))]]
+        k = self.negatives
+        if len(neg) >= k:
+            passages += [neg[int(j)] for j in rng.choice(len(neg), k, replace=False)]
+        else:
+            passages += list(neg)
+            if len(self.records) < 2:
+                raise ValueError(f"a query has {len(neg)} negatives, data.negatives asks for {k}, and there is no "
+                                 "other query whose positives could stand in; lower data.negatives")
+            while len(passages) < 1 + k:  # top up with other queries' positives
+                r, j = self.pool[int(rng.integers(len(self.pool)))]
+                if r != i:
+                    passages.append(self.records[r][1][j])
+        return q, passages
+
+    def micro_batch(self, first_slot: int) -> ContrastiveBatch:
+        qs, ps = [], []
+        for s in range(first_slot, first_slot + self.queries):
+            q, p = self._group(s)
+            qs.append(q)
+            ps += p
+        kinds = ["query"] * len(qs) + ["passage"] * len(ps)
+        batch, special = pack_encode_reference(qs + ps, self.template, kinds, max_len=1 << 30)
+        return ContrastiveBatch(batch, special, len(qs), 1 + self.negatives)
+
+    def __next__(self) -> list[ContrastiveBatch]:
+        per_block = self.queries
+        out = []
+        for i in range(self.grad_accum):
+            block = i * self.dp_world + self.dp_rank
+            out.append(self.micro_batch(self.slot + block * per_block))
+        self.slot += per_block * self.dp_world * self.grad_accum
+        return out
+
+    def state_dict(self) -> dict:
+        return {"slot": self.slot, "seed": self.seed, "records": len(self.records)}
+
+    def load_state_dict(self, state: dict):
+        if state["records"] != len(self.records) or state["seed"] != self.seed:
+            raise ValueError(f"the checkpoint's data ({state['records']} records, seed {state['seed']}) is not this "
+                             f"run's ({len(self.records)} records, seed {self.seed})")
+        self.slot = state["slot"]

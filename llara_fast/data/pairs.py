@@ -16,7 +16,7 @@ Also counted: read (non-blank lines), kept, blank_line (not records). The first 
 records are reported as ``PairsWarning``s naming file:line; when bad / read exceeds
 ``max_bad_fraction`` a ValueError names the file, the counts and the first bad line.
 
-``beir_to_pairs`` turns a BEIR split (read by ``llara_fast.evaluate.load_beir``: passages are
+``beir_to_pairs`` turns a BEIR split (read by ``llara_fast.data.beir.load_beir``: passages are
 ``title + " " + text``) into one record per query with a relevant document (judgement > 0) in
 the corpus: pos = the texts of all its relevant documents, neg = ``k`` documents that are not
 relevant to it, either the top BM25 hits of the query over the corpus (``bm25s``, English stop
@@ -35,8 +35,15 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Iterable
+
+import numpy as np
+
+from llara_fast.data.beir import load_beir
+from llara_fast.data.sources import iter_wiki_sample
+from llara_fast.errors import ConfigError, InputNotFound, UserError
 
 try:
     import bm25s
@@ -109,7 +116,7 @@ def read_pairs(path: str | os.PathLike, counts: Counter | None = None,
     """Read a FlagEmbedding pairs JSONL file; bad records are skipped and counted in ``counts``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such pairs file")
+        raise InputNotFound(f"{path}: no such pairs file")
     counts = Counter() if counts is None else counts
     pairs: list[Pair] = []
     bad: list[tuple[int, str]] = []  # (line number, reason)
@@ -147,7 +154,7 @@ def _check_bad_fraction(path: Path, counts: Counter, bad: list[tuple[int, str]],
         return
     lineno, reason = bad[0]
     summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if v)
-    raise ValueError(f"{path}: {len(bad)} of {counts['read']} records are bad "
+    raise UserError(f"{path}: {len(bad)} of {counts['read']} records are bad "
                      f"({len(bad) / counts['read']:.1%} > max_bad_fraction {max_bad_fraction:g}); "
                      f"counts: {summary}; first bad record: {path}:{lineno} ({reason})")
 
@@ -207,12 +214,11 @@ def beir_to_pairs(beir_dir: str | os.PathLike, split: str = "train", negatives: 
                   seed: int = 0, counts: Counter | None = None) -> list[dict]:
     """One record {"query", "pos", "neg", "query_id", "pos_ids", "neg_ids"} per query of the split
     with a relevant document in the corpus; see the module docstring for the negatives."""
-    from llara_fast.evaluate import load_beir  # evaluate imports faiss and friends: only load when used
 
     if negatives not in ("bm25", "random"):
-        raise ValueError(f"unknown negatives {negatives!r} (bm25 or random)")
+        raise UserError(f"unknown negatives {negatives!r} (bm25 or random)")
     if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
+        raise UserError(f"k must be >= 0, got {k}")
     counts = Counter() if counts is None else counts
     data = load_beir(beir_dir, split)
     counts.update(data.counts)
@@ -272,3 +278,51 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- the training records of llara_fast.finetune -----------------------------------------------
+def wiki_pairs(limit: int, negatives: int, seed: int) -> list[dict]:
+    """The embedded default: title -> its lead paragraph, negatives drawn from other paragraphs."""
+    items = [(t, x) for t, x in islice(iter_wiki_sample(), limit or None) if t.strip() and x.strip()]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (title, text) in enumerate(items):
+        draw = rng.choice(len(items), min(negatives + 1, len(items)), replace=False)
+        neg = [items[j][1] for j in draw if j != i][:negatives]
+        out.append({"query": title, "pos": [text], "neg": neg})
+    return out
+
+
+def load_records(d) -> tuple[list[dict], Counter, str]:
+    """Training records of a fine-tuning data section (data.train, data.beir, or the Wikipedia
+    sample) as dicts, the skip counts, and a description of the source. Every rank reads (or
+    mines) the same records deterministically."""
+    counts: Counter = Counter()
+    if d.train and d.beir:
+        raise ConfigError("give data.train or data.beir, not both")
+    if d.train:
+        pairs = read_pairs(d.train, counts, max_bad_fraction=d.max_bad_fraction)
+        recs = [{"query": p.query, "pos": p.pos, "neg": p.neg} for p in pairs]
+        src = d.train
+    elif d.beir:
+        if d.mining not in ("bm25", "random"):
+            raise ConfigError(f"data.mining must be bm25 or random, got {d.mining!r}")
+        recs = beir_to_pairs(d.beir, d.split, negatives=d.mining, k=d.mined, seed=d.seed, counts=counts)
+        src = f"{d.beir} ({d.split}, {d.mining} negatives)"
+    else:
+        recs = wiki_pairs(d.limit or 2000, max(d.negatives, 1), d.seed)
+        src = "wiki-sample (title -> lead paragraph)"
+    if d.limit:
+        recs = recs[:d.limit]
+    return recs, counts, src
+
+
+def tokenize_records(recs: list[dict], tokenizer, q_len: int, p_len: int):
+    """(query ids, [positive ids], [negative ids]) per record, cut to the max lengths; the texts
+    shared between records are tokenised once."""
+    texts = sorted({t for r in recs for t in r["pos"] + r["neg"]})
+    enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=p_len)["input_ids"] if texts else []
+    ids = dict(zip(texts, enc))
+    qs = tokenizer([r["query"] for r in recs], add_special_tokens=False, truncation=True,
+                   max_length=q_len)["input_ids"]
+    return [(q, [ids[t] for t in r["pos"]], [ids[t] for t in r["neg"]]) for q, r in zip(qs, recs)]

@@ -28,7 +28,8 @@ from typing import Iterator
 
 import numpy as np
 
-from llara_fast.data.packing import Example
+from llara_fast.batch import Example
+from llara_fast.errors import InputNotFound, UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -55,7 +56,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | os.PathLike, token_dtype: np.dtype, shard_examples: int = 100_000):
         if shard_examples < 1:
-            raise ValueError("shard_examples must be >= 1")
+            raise UserError("shard_examples must be >= 1")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dtype = np.dtype(token_dtype)
@@ -80,9 +81,9 @@ class ShardWriter:
         for k, flat, lens in (("text", text, text_lens), ("sum", sum_ids, sum_lens), ("pred", pred_ids, pred_lens)):
             flat = np.asarray(flat)
             if flat.size and (flat.min() < 0 or flat.max() > info.max):
-                raise ValueError(f"token id out of range for {self.dtype}")
+                raise UserError(f"token id out of range for {self.dtype}")
             if int(np.sum(lens)) != flat.size:
-                raise ValueError(f"{k}: lengths do not add up to the flat array")
+                raise UserError(f"{k}: lengths do not add up to the flat array")
             self._files[k].write(flat.astype(self.dtype, copy=False).tobytes())
             self._lens[k].append(np.asarray(lens, dtype=np.int64))
         if sum(len(x) for x in self._lens["text"]) >= self.shard_examples:
@@ -124,7 +125,7 @@ def _map(path: Path, dtype: np.dtype, n: int) -> np.ndarray:
     if n == 0:  # an empty file cannot be mapped
         return np.zeros(0, dtype=dtype)
     if path.stat().st_size != n * dtype.itemsize:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes, the offsets imply {n * dtype.itemsize}")
+        raise UserError(f"{path}: {path.stat().st_size} bytes, the offsets imply {n * dtype.itemsize}")
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
@@ -136,12 +137,12 @@ class ShardedDataset:
         self.data_dir = Path(data_dir)
         mpath = self.data_dir / MANIFEST
         if not mpath.is_file():
-            raise FileNotFoundError(f"{self.data_dir}: no {MANIFEST} (not a prepared data directory, or "
+            raise InputNotFound(f"{self.data_dir}: no {MANIFEST} (not a prepared data directory, or "
                                     "prepare did not finish); run `python -m llara_fast.data.prepare`")
         with open(mpath) as f:
             self.manifest = json.load(f)
         if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{mpath}: format_version {self.manifest.get('format_version')}, this reader "
+            raise UserError(f"{mpath}: format_version {self.manifest.get('format_version')}, this reader "
                              f"knows {FORMAT_VERSION}; prepare the data again")
         self.token_dtype = np.dtype(self.manifest["token_dtype"])
         self.max_len = int(self.manifest["max_len"])  # the TEXT cap
@@ -153,7 +154,7 @@ class ShardedDataset:
         for sh in self.manifest["shards"]:
             off = np.load(self.data_dir / f"{sh['name']}.offsets.npy", mmap_mode="r")
             if off.ndim != 2 or off.shape != (3, sh["examples"] + 1):
-                raise ValueError(f"{self.data_dir / sh['name']}.offsets.npy: shape {off.shape}, the manifest "
+                raise UserError(f"{self.data_dir / sh['name']}.offsets.npy: shape {off.shape}, the manifest "
                                  f"says {sh['examples']} examples")
             arrays = [_map(self.data_dir / f"{sh['name']}.{k}.bin", self.token_dtype, int(off[r, -1]))
                       for r, k in enumerate(_KINDS)]
@@ -181,7 +182,7 @@ class ShardedDataset:
     def check_tokenizer(self, tokenizer) -> None:
         got = tokenizer_fingerprint(tokenizer)
         if got != self.fingerprint:
-            raise ValueError(
+            raise UserError(
                 f"{self.data_dir}: prepared with tokenizer {self.manifest['tokenizer'].get('spec')!r} "
                 f"(fingerprint {self.fingerprint[:12]}), but the model's tokenizer has fingerprint {got[:12]}; "
                 "prepare the data again with this model's tokenizer")
@@ -217,10 +218,10 @@ def epoch_order(num_examples: int, seed: int, epoch: int, rank: int = 0, world_s
     round-robin to the ranks; the remainder (< world_size examples) is dropped so every rank
     gets the same count."""
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        raise UserError(f"rank {rank} outside 0..{world_size - 1}")
     per_rank = num_examples // world_size
     if per_rank == 0:
-        raise ValueError(f"{num_examples} examples cannot feed {world_size} ranks")
+        raise UserError(f"{num_examples} examples cannot feed {world_size} ranks")
     order = (np.random.default_rng([seed, epoch]).permutation(num_examples) if shuffle
              else np.arange(num_examples, dtype=np.int64))
     return order[rank:per_rank * world_size:world_size]
@@ -274,4 +275,4 @@ def check_resume_state(state: dict, expected: dict) -> None:
     """Refuse to resume a position saved for other data, another seed or another rank layout."""
     for k, v in expected.items():
         if k in state and state[k] != v:
-            raise ValueError(f"cannot resume: the saved data position has {k}={state[k]!r}, this run has {v!r}")
+            raise UserError(f"cannot resume: the saved data position has {k}={state[k]!r}, this run has {v!r}")

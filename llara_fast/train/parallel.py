@@ -49,3 +49,12 @@ def apply_compile(blocks: nn.ModuleList) -> None:
     once per step outside the blocks)."""
     for block in blocks:
         block.compile(dynamic=True)
+
+
+def parallelize(model: nn.Module, module: nn.Module, ac: str, compile: bool, param_dtype: torch.dtype) -> nn.Module:
+    """The one order: activation checkpointing of the blocks, then torch.compile, then FSDP2 of
+    the blocks and of ``module`` (the train module around ``model``), which is returned."""
+    apply_activation_checkpointing(model.layers, ac)
+    if compile:
+        apply_compile(model.layers)
+    return apply_fsdp(module, model.layers, param_dtype=param_dtype)

@@ -1,4 +1,4 @@
-"""The contrastive fine-tuning objective and its training step (the fine-tuning twin of train.py).
+"""The contrastive fine-tuning objective (InfoNCE) and its train module.
 
 Queries are encoded with the PRED prompt (mean of <s9>..<s16>), passages with the SUM prompt
 (mean of <s1>..<s8>), both L2-normalised in fp32, in ONE packed forward. Each query comes with
@@ -15,20 +15,23 @@ are the same.
 """
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
+
+from llara_fast.batch import PackedBatch
+from llara_fast.config import opt
+from llara_fast.errors import UserError
 
 
 @dataclass
 class ContrastiveConfig:
-    temperature: float = 0.01        # InfoNCE temperature (the released LLaRA fine-tuning recipe's)
-    cross_rank: bool = True          # score against the passages of every data-parallel rank
+    temperature: float = opt(0.01, "InfoNCE temperature (the released LLaRA fine-tuning recipe's)")
+    cross_rank: bool = opt(True, "score against the passages of every data-parallel rank")
 
 
 def _world() -> int:
@@ -42,8 +45,6 @@ def gather_with_grad(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     world = _world()
     if world == 1:
         return t, 0
-    from torch.distributed.nn.functional import all_gather
-
     parts = all_gather(t.contiguous())
     return torch.cat(parts), dist.get_rank() * t.shape[0]
 
@@ -79,7 +80,7 @@ class ContrastiveModule(nn.Module):
         self.model = model
         self.cfg = cfg
 
-    def forward(self, batch, special: torch.Tensor, n_local: int, group: int, n_queries: int):
+    def forward(self, batch: PackedBatch, special: torch.Tensor, n_local: int, group: int, n_queries: int):
         """batch: this rank's B queries then their B * group passages, packed; special (E, K)."""
         hidden = self.model(batch)  # (N, d)
         emb = pooled_embeddings(hidden, special)  # (B + B * group, d)
@@ -89,7 +90,8 @@ class ContrastiveModule(nn.Module):
 
 
 @dataclass
-class ContrastiveStepResult:
+class ContrastiveStep:
+    """One optimizer step of contrastive fine-tuning, for the log."""
     loss: float
     accuracy: float      # fraction of the step's queries whose positive ranked first
     grad_norm: float
@@ -100,46 +102,34 @@ class ContrastiveStepResult:
     skipped: bool
 
 
-def contrastive_step(module: ContrastiveModule, micro_batches: list, optimizer, scheduler=None, *,
-                     device: torch.device, grad_clip: float = 1.0) -> ContrastiveStepResult:
-    """One optimizer step over this rank's micro-batches. Each micro-batch is a
-    ``ContrastiveBatch`` (llara_fast.finetune); all ranks hold the same number of micro-batches
-    of the same number of queries."""
-    t0 = time.perf_counter()
-    world = _world()
-    n_local = sum(mb.n_queries for mb in micro_batches)
-    n_queries = n_local * world
-    group = micro_batches[0].group
-    vocab = module.model.args.vocab_size
-    for i, mb in enumerate(micro_batches):
-        ids = mb.batch.input_ids
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise ValueError(f"micro-batch {i}: token id outside the model's vocabulary [0, {vocab})")
-    parts = torch.zeros(2, device=device, dtype=torch.float32)  # loss, hits
-    for i, mb in enumerate(micro_batches):
-        if hasattr(module, "set_requires_gradient_sync"):
-            module.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        loss, hits = module(mb.batch.to(device, non_blocking=True), mb.special.to(device), mb.n_queries, group,
-                            n_queries)
-        # FSDP averages gradients over ranks; the loss is already a global mean, so undo that.
-        (loss * world).backward()
-        parts += torch.stack([loss.detach().float(), hits.float()])
-    stats = torch.tensor([sum(mb.batch.num_tokens for mb in micro_batches),
-                          sum(mb.n_queries * mb.group for mb in micro_batches)], dtype=torch.float32, device=device)
-    both = torch.cat([parts, stats])
-    if world > 1:
-        dist.all_reduce(both)
-    params = [p for p in module.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
-    vals = torch.cat([both, grad_norm.float().reshape(1).to(device)]).tolist()  # the step's one host sync
-    skipped = not all(math.isfinite(v) for v in (vals[0], vals[4]))
-    if not skipped:
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return ContrastiveStepResult(loss=vals[0], accuracy=vals[1] / n_queries, grad_norm=vals[4], queries=n_queries,
-                                 passages=int(vals[3]), tokens=int(vals[2]), seconds=time.perf_counter() - t0,
-                                 skipped=skipped)
+class ContrastiveObjective:
+    """InfoNCE for llara_fast.train.step.optimizer_step: micro-batches are ContrastiveBatches
+    (llara_fast.data.loader); every rank holds the same number of the same number of queries."""
+    n_parts = 2  # loss, hits
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.n_queries = 0  # the step's global number of queries, set by counts()
+
+    def check(self, micro_batches) -> None:
+        for i, mb in enumerate(micro_batches):
+            ids = mb.batch.input_ids
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+                raise UserError(f"micro-batch {i}: token id outside the model's vocabulary [0, {self.vocab_size})")
+
+    def counts(self, micro_batches) -> torch.Tensor:
+        """(2,) float64: tokens and passages of this rank's micro-batches."""
+        self.n_queries = sum(mb.n_queries for mb in micro_batches) * _world()
+        return torch.tensor([sum(mb.batch.num_tokens for mb in micro_batches),
+                             sum(mb.n_queries * mb.group for mb in micro_batches)], dtype=torch.float64)
+
+    def forward(self, module: nn.Module, mb, counts: torch.Tensor, device: torch.device):
+        loss, hits = module(mb.batch.to(device, non_blocking=True), mb.special.to(device), mb.n_queries, mb.group,
+                            self.n_queries)
+        return loss, torch.stack([loss.detach().float(), hits.float()])
+
+    def result(self, s) -> ContrastiveStep:
+        """The ContrastiveStep of a StepStats."""
+        return ContrastiveStep(loss=s.parts[0], accuracy=s.parts[1] / self.n_queries, grad_norm=s.grad_norm,
+                               queries=self.n_queries, passages=int(s.counts[1]), tokens=int(s.counts[0]),
+                               seconds=s.seconds, skipped=s.skipped)

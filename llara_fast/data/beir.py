@@ -1,0 +1,155 @@
+"""BEIR-format datasets: corpus.jsonl ({"_id", "title", "text"}), queries.jsonl ({"_id", "text"})
+and qrels/<split>.tsv (query-id, corpus-id, score; a header line and CRLF line ends are fine;
+4-column TREC qrels "qid iter docid rel" are read too). Passages are ``title + " " + text``
+(BEIR's own join for dense models; just the text when the title is empty).
+
+Bad input never crashes a run: invalid lines, documents without title and text (left out),
+documents with a title only (the title), duplicate ids, judgements of unknown documents or
+queries are each counted by reason (``BeirData.counts``)."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from llara_fast.errors import InputNotFound
+
+
+@dataclass
+class BeirData:
+    doc_ids: list[str]
+    doc_texts: list[str]
+    query_ids: list[str]    # the queries to evaluate: judged, with a relevant document, with text
+    query_texts: list[str]
+    qrels: dict[str, dict[str, int]]
+    counts: Counter = field(default_factory=Counter)
+
+    def problems(self) -> list[str]:
+        return [f"{k.replace('_', ' ')}: {v}" for k, v in sorted(self.counts.items()) if v]
+
+    def subset(self, max_docs: int, seed: int = 0) -> "BeirData":
+        """A smaller corpus for quick comparisons: every document judged relevant to an evaluated
+        query, plus documents drawn at random (seeded) up to max_docs in all, in corpus order.
+        Scores on a subset are higher than on the full corpus; compare them only with each other."""
+        if max_docs <= 0 or max_docs >= len(self.doc_ids):
+            return self
+        keep = {d for q in self.query_ids for d, r in self.qrels[q].items() if r > 0}
+        keep &= set(self.doc_ids)
+        others = [d for d in self.doc_ids if d not in keep]
+        rng = np.random.default_rng(seed)
+        n_more = max(0, max_docs - len(keep))
+        keep |= {others[i] for i in rng.choice(len(others), min(n_more, len(others)), replace=False)}
+        pairs = [(d, t) for d, t in zip(self.doc_ids, self.doc_texts) if d in keep]
+        return BeirData([d for d, _ in pairs], [t for _, t in pairs], self.query_ids, self.query_texts, self.qrels,
+                        self.counts)
+
+
+REASONS = {
+    "corpus_bad_line": "corpus.jsonl lines that are not a JSON object with an _id (skipped)",
+    "corpus_duplicate_id": "corpus.jsonl duplicate _id (first kept)",
+    "corpus_no_text": "documents without title and text (left out of the index)",
+    "corpus_title_only": "documents with a title but no text (encoded as the title)",
+    "queries_bad_line": "queries.jsonl lines that are not a JSON object with an _id (skipped)",
+    "queries_duplicate_id": "queries.jsonl duplicate _id (first kept)",
+    "queries_empty_text": "queries with empty text (skipped)",
+    "qrels_bad_line": "qrels lines without query, document and integer score (skipped)",
+    "qrels_header": "qrels header line",
+    "qrels_unknown_query": "judged query ids absent from queries.jsonl (skipped)",
+    "qrels_unknown_doc": "judgements of documents absent from the corpus (kept: unretrievable)",
+    "queries_no_relevant": "judged queries without a relevant document (skipped)",
+    "queries_not_in_split": "queries.jsonl queries without judgements in this split (not evaluated)",
+    "queries_missing_from_run": "judged queries absent from the run (skipped)",
+    "run_queries_without_qrels": "run queries without judgements (ignored)",
+}
+
+
+def _read_jsonl(path: Path, what: str, counts: Counter) -> Iterator[dict]:
+    if not path.is_file():
+        raise InputNotFound(f"{path}: missing (a BEIR dataset directory holds corpus.jsonl, queries.jsonl "
+                                "and qrels/<split>.tsv)")
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # universal newlines: CRLF is fine
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if not isinstance(rec, dict) or rec.get("_id") is None:
+                counts[f"{what}_bad_line"] += 1
+                continue
+            rec["_id"] = str(rec["_id"])
+            yield rec
+
+
+def _text(v) -> str:
+    return v.strip() if isinstance(v, str) else ""
+
+
+def read_qrels(path: Path, counts: Counter) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        for n, line in enumerate(f):
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) == 1:
+                parts = line.split()
+            if not "".join(parts).strip():
+                continue
+            if len(parts) == 4:  # TREC: qid iter docid rel
+                parts = [parts[0], parts[2], parts[3]]
+            try:
+                q, d, s = (p.strip() for p in parts)
+                score = int(float(s))
+            except ValueError:
+                counts["qrels_header" if n == 0 else "qrels_bad_line"] += 1
+                continue
+            qrels.setdefault(q, {})[d] = score
+    return qrels
+
+
+def load_beir(root: str | os.PathLike, split: str = "test") -> BeirData:
+    root = Path(root)
+    if not root.is_dir():
+        raise InputNotFound(f"{root}: no such BEIR dataset directory")
+    qrels_path = root / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        have = sorted(p.stem for p in (root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else []
+        raise InputNotFound(f"{qrels_path}: no qrels for split {split!r}; "
+                                f"available splits: {', '.join(have) if have else 'none (no qrels/ directory)'}")
+    counts: Counter = Counter()
+    docs: dict[str, str] = {}
+    for rec in _read_jsonl(root / "corpus.jsonl", "corpus", counts):
+        if rec["_id"] in docs:
+            counts["corpus_duplicate_id"] += 1
+            continue
+        title, text = _text(rec.get("title")), _text(rec.get("text"))
+        if not text:
+            counts["corpus_title_only" if title else "corpus_no_text"] += 1
+            if not title:
+                continue
+        docs[rec["_id"]] = f"{title} {text}".strip()
+    queries: dict[str, str] = {}
+    for rec in _read_jsonl(root / "queries.jsonl", "queries", counts):
+        if rec["_id"] in queries:
+            counts["queries_duplicate_id"] += 1
+        elif not _text(rec.get("text")):
+            counts["queries_empty_text"] += 1
+        else:
+            queries[rec["_id"]] = _text(rec["text"])
+    qrels = read_qrels(qrels_path, counts)
+    qids = []
+    for q, rels in qrels.items():
+        counts["qrels_unknown_doc"] += sum(1 for d in rels if d not in docs)
+        if q not in queries:
+            counts["qrels_unknown_query"] += 1
+        elif not any(r > 0 for r in rels.values()):
+            counts["queries_no_relevant"] += 1
+        else:
+            qids.append(q)
+    counts["queries_not_in_split"] = sum(1 for q in queries if q not in qrels)
+    return BeirData(list(docs), list(docs.values()), qids, [queries[q] for q in qids], qrels, +counts)

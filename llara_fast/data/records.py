@@ -1,0 +1,133 @@
+"""Input records of ``prepare``: reading them (JSONL lines, .txt documents, wiki entries),
+decoding them, and the bad-record rule.
+
+A record is a JSONL line, a .txt document (blank-line separated), or a wiki entry. Bad records
+are skipped and counted by reason (``BAD_REASONS``): invalid_utf8, invalid_json, missing_field
+(absent or not a string; a JSON value that is not an object), empty_text (blank passage),
+tokenizer_error. Blank JSONL lines are not records (counted as blank_lines). When bad records
+exceed ``max_bad_fraction`` of the records seen (checked from 1,000 records on, and at the end),
+``check_bad_fraction`` stops the run with an error naming the file and line.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from llara_fast.data.sources import wiki_sample_path
+from llara_fast.errors import UserError
+
+BAD_REASONS = ("invalid_utf8", "invalid_json", "missing_field", "empty_text", "tokenizer_error")
+MIN_RECORDS_FOR_EARLY_STOP = 1000
+LLARA_FIELDS = ("input", "output_summarize", "output_predict")
+
+
+class PrepareError(UserError):
+    pass
+
+
+@dataclass
+class Record:
+    loc: str              # "path:line" or "path#title"
+    data: bytes | str | None  # raw JSON line / .txt document bytes, or the decoded wiki text
+    kind: str             # "json", "txt" or "wiki"
+
+
+def input_files(path: Path, fmt: str) -> list[Path]:
+    suffixes = {"llara-jsonl": (".jsonl", ".json"), "text": (".jsonl", ".json", ".txt")}[fmt]
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+        if not files:
+            raise PrepareError(f"{path}: no {'/'.join(suffixes)} files for format {fmt}")
+        return files
+    raise PrepareError(f"{path}: no such file or directory")
+
+
+def iter_records(path: Path | None, fmt: str, counters: Counter) -> Iterator[Record]:
+    if fmt == "wiki-sample":
+        src = path or wiki_sample_path()
+        with open(src, encoding="utf-8") as f:
+            data = json.load(f)
+        for title, rec in data.items():
+            text = (rec or {}).get("extract") if isinstance(rec, dict) else None
+            yield Record(f"{src}#{title}", text if isinstance(text, str) else None, "wiki")
+        return
+    for fp in input_files(path, fmt):
+        if fp.suffix == ".txt":
+            yield from _iter_txt(fp)
+            continue
+        with open(fp, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    counters["blank_lines"] += 1
+                    continue
+                yield Record(f"{fp}:{lineno}", raw, "json")
+
+
+def _iter_txt(fp: Path) -> Iterator[Record]:
+    buf, first = [], 0
+    with open(fp, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                if not buf:
+                    first = lineno
+                buf.append(raw)
+            elif buf:
+                yield Record(f"{fp}:{first}", b"".join(buf), "txt")
+                buf = []
+    if buf:
+        yield Record(f"{fp}:{first}", b"".join(buf), "txt")
+
+
+def decode_record(rec: Record, fmt: str):
+    """-> (fields, None) or (None, reason). fields: the three strings (llara-jsonl) or (text,)."""
+    if rec.kind == "wiki":
+        if rec.data is None:
+            return None, "missing_field"
+        return (rec.data,), None
+    try:
+        s = rec.data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "invalid_utf8"
+    if rec.kind == "txt":
+        return (s,), None
+    try:
+        obj = json.loads(s)
+    except ValueError:
+        return None, "invalid_json"
+    names = LLARA_FIELDS if fmt == "llara-jsonl" else ("text",)
+    if not isinstance(obj, dict) or any(not isinstance(obj.get(k), str) for k in names):
+        return None, "missing_field"
+    vals = tuple(obj[k] for k in names)
+    try:  # JSON escapes can smuggle in lone surrogates, which are not UTF-8
+        for v in vals:
+            v.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "invalid_utf8"
+    return vals, None
+
+
+def batches(records: Iterable[Record], size: int, limit: int | None) -> Iterator[list[Record]]:
+    batch = []
+    for i, rec in enumerate(records):
+        if limit is not None and i >= limit:
+            break
+        batch.append(rec)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def check_bad_fraction(seen: int, bad: int, max_bad_fraction: float, last: tuple, first: list, final: bool) -> None:
+    if seen == 0 or bad / seen <= max_bad_fraction or (not final and seen < MIN_RECORDS_FOR_EARLY_STOP):
+        return
+    loc, reason = last
+    firsts = ", ".join(f"{l} ({r})" for l, r in first[:3])
+    raise PrepareError(f"{loc}: {reason}; {bad} of {seen} records are bad ({bad / seen:.2%}), above "
+                       f"max_bad_fraction {max_bad_fraction:g}. First bad records: {firsts}")

@@ -1,0 +1,119 @@
+"""One way in: ``load(spec) -> (model, tokenizer, prompts)`` for every kind of model source.
+
+spec is a preset (``config.PRESETS``; random init for presets without shipped weights), an HF
+LLaMA directory (an llara_fast export brings its prompts in llara_fast.json), a ``.gguf`` file,
+or a training checkpoint RUN/checkpoints/step_N (its weights, LoRA merged, and the tokenizer and
+prompts of its run). The tokenizer always holds <s1>..<s16> and the embedding has their rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import tomllib
+
+from llara_fast.config import PRESETS, ModelArgs
+from llara_fast.errors import UserError
+from llara_fast.io.checkpoint import COMPLETE, is_training_checkpoint, read_model
+from llara_fast.io.hf import (
+    add_special_tokens,
+    grow_embeddings,
+    load_hf_model,
+    load_tokenizer,
+    resolve_source,
+)
+from llara_fast.model import Transformer
+from llara_fast.templates import PromptConfig
+
+META_FILE = "llara_fast.json"  # written by llara_fast.io.export next to the HF files
+
+
+def load(spec: str, attn_backend: str = "auto", *, tokenizer: str | None = None, random_init: bool = False,
+         layers: int = 0, seed: int = 0) -> tuple[Transformer, object, PromptConfig]:
+    """(model, tokenizer, prompts). ``tokenizer``: another tokenizer for a preset without weights
+    (default: SmolLM2's) or for any source; ``random_init``: a preset's shape from random weights
+    (speed runs without the weights package); ``layers``: keep the first L blocks (0: all; a
+    random model is built with L blocks directly); ``seed``: the random init."""
+    if is_training_checkpoint(spec):
+        if tokenizer or random_init:
+            raise UserError(f"{spec}: a training checkpoint brings its own weights and tokenizer; "
+                            "drop the tokenizer / random_init setting")
+        model, tok, prompts = _load_training_checkpoint(Path(spec), attn_backend)
+        return keep_layers(model, layers), tok, prompts
+    if random_init and spec not in PRESETS:
+        raise UserError(f"{spec}: random_init takes a preset ({', '.join(PRESETS)}), not a checkpoint")
+    src = None if random_init else resolve_source(spec)
+    if src is None:
+        args = ModelArgs.from_preset(spec, weights=None)
+        _check_layers(layers, args.n_layers)
+        args.n_layers = layers or args.n_layers
+        model = Transformer(args, attn_backend=attn_backend)
+        model.init_weights(seed=seed)
+        tok_src = tokenizer or resolve_source("smollm2-135m")
+    else:
+        model = keep_layers(load_hf_model(src, attn_backend=attn_backend), layers)
+        tok_src = tokenizer or src
+    tok = load_tokenizer(tok_src)
+    ids = add_special_tokens(tok)
+    need = max(len(tok), ids[-1] + 1)
+    if src is None or need > model.args.vocab_size:  # a random model's table is sized to its tokenizer
+        grow_embeddings(model, need)
+    prompts = (read_prompts(spec) if Path(spec).is_dir() else None) or PromptConfig()
+    return model, tok, prompts
+
+
+def keep_layers(model: Transformer, layers: int) -> Transformer:
+    """Keep the first ``layers`` blocks of a loaded model (0: all); quick runs and benchmarks."""
+    _check_layers(layers, model.args.n_layers)
+    if layers:
+        del model.layers[layers:]
+        model.args.n_layers = layers
+    return model
+
+
+def _check_layers(layers: int, n_layers: int) -> None:
+    if not 0 <= layers <= n_layers:
+        raise UserError(f"layers must be in 1..{n_layers} (0: all), got {layers}")
+
+
+def read_prompts(path: str | os.PathLike) -> PromptConfig | None:
+    """The prompts recorded in an export's llara_fast.json, or None when there is none."""
+    fp = Path(path) / META_FILE
+    if not fp.is_file():
+        return None
+    with open(fp) as f:
+        meta = json.load(f)
+    return PromptConfig(**meta["prompts"])
+
+
+def run_config(checkpoint: Path) -> dict:
+    """RUN/config.toml of a checkpoint RUN/checkpoints/step_N."""
+    path = checkpoint.parent.parent / "config.toml"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; a training checkpoint is read with its run's config "
+                        "(RUN/checkpoints/step_N next to RUN/config.toml)")
+    return tomllib.loads(path.read_text())
+
+
+def _load_training_checkpoint(path: Path, attn_backend: str):
+    if not (path / COMPLETE).is_file():
+        raise UserError(f"{path}: no {COMPLETE} marker; the trainer did not finish writing this checkpoint")
+    cfg = run_config(path)
+    model = read_model(path, cfg.get("lora"), attn_backend)
+    model_cfg = cfg.get("model", {})
+    tok = checkpoint_tokenizer(model_cfg.get("name", "smollm2-135m"), model_cfg.get("tokenizer", ""))
+    prompts = PromptConfig(**cfg["prompts"]) if "prompts" in cfg else PromptConfig()
+    return model, tok, prompts
+
+
+def checkpoint_tokenizer(name: str, tokenizer: str = ""):
+    """The tokenizer (with <s1>..<s16>) a run trained with: its `model.tokenizer` when set, else
+    that of the model it started from (a preset / HF dir / GGUF, or, for a run started from
+    another run's checkpoint, that run's tokenizer)."""
+    if not tokenizer and is_training_checkpoint(name):
+        model_cfg = run_config(Path(name)).get("model", {})
+        return checkpoint_tokenizer(model_cfg.get("name", "smollm2-135m"), model_cfg.get("tokenizer", ""))
+    tok = load_tokenizer(tokenizer or resolve_source(name) or resolve_source("smollm2-135m"))  # as load() does
+    add_special_tokens(tok)
+    return tok

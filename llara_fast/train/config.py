@@ -1,0 +1,149 @@
+"""Job configs: dataclass sections (one TOML table each), a TOML file, then `--section.key value`
+overrides. The sections every training job shares live here (model, optim, run); a job adds
+its own (pretrain: data, loss; finetune: data, contrastive, lora). Every field carries a
+one-line help (``config.opt``) that ``--help`` prints beside its default."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass
+
+import tomllib
+
+from llara_fast.config import opt
+from llara_fast.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("smollm2-135m", "preset (see config.PRESETS), HF LLaMA directory, .gguf file or training "
+                    "checkpoint")
+    tokenizer: str = opt("", "tokenizer dir/file (e.g. a SentencePiece tokenizer.model); default: the model's "
+                         "own, or SmolLM2's for presets without weights")
+    layers: int = opt(0, "keep only the first L blocks (0: all), for quick runs and benchmarks")
+    random_init: bool = opt(False, "a preset's shape with random weights even if it ships weights (speed runs "
+                            "without the weights package; pair with `tokenizer`)")
+    attn: str = opt("auto", "attention backend: auto, sdpa, torch_varlen, flash_attn, flex (opt-in)")
+    ac: str = opt("none", "activation checkpointing: none, selective, full")
+    compile: bool = opt(False, "torch.compile each block")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(5e-5, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not on norms)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    warmup_steps: int = opt(2, "linear warmup steps")
+    decay: str = opt("cosine", "after warmup: cosine, linear or constant")
+    min_lr_ratio: float = opt(0.1, "final learning rate / peak (cosine, linear)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = opt("runs/default", "run directory: config.toml, metrics.jsonl, checkpoints/")
+    steps: int = opt(0, "optimizer steps (0: 12 on CPU, 200 on GPU)")
+    log_every: int = opt(1, "print a log line every N steps (metrics.jsonl gets every step)")
+    ckpt_every: int = opt(0, "save a checkpoint every N steps (0: at the end only)")
+    keep_checkpoints: int = opt(2, "keep the N newest checkpoints (0: all)")
+    resume: bool = opt(False, "continue from the latest complete checkpoint of out_dir")
+    device: str = opt("auto", "auto, cpu or cuda")
+    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    max_nonfinite: int = opt(3, "stop after this many consecutive non-finite steps")
+    seed: int = opt(0, "model init for presets without weights")
+
+
+def _coerce(value, typ, where):
+    if isinstance(value, str) and typ is not str:
+        if typ is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        try:
+            return typ(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _apply(cfg, section: str, key: str, value, where: str):
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    if section not in sections:
+        hint = difflib.get_close_matches(section, sections, n=1)
+        raise ConfigError(f"{where}: unknown section [{section}]" + (f"; did you mean [{hint[0]}]?" if hint else
+                                                                    f"; sections: {', '.join(sections)}"))
+    sub = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(sub)}
+    if key not in fields:
+        hint = difflib.get_close_matches(key, fields, n=1)
+        raise ConfigError(f"{where}: unknown key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?" if hint
+                                                                      else f"; keys: {', '.join(fields)}"))
+    typ = {"str": str, "int": int, "float": float, "bool": bool}[str(fields[key].type)]
+    setattr(sub, key, _coerce(value, typ, f"{where}: {section}.{key}"))
+
+
+def _read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_config(argv: list[str], cls):
+    """cls(), then a TOML file (--config FILE first), then --section.key VALUE overrides."""
+    cfg = cls()
+    args = list(argv)
+    if args[:1] == ["--config"] or any(a.startswith("--config=") for a in args[:1]):
+        path = args[1] if args[0] == "--config" else args[0].split("=", 1)[1]
+        args = args[2:] if args[0] == "--config" else args[1:]
+        for section, table in _read_toml(path).items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+            for key, value in table.items():
+                _apply(cfg, section, key, value, path)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or "." not in a:
+            raise ConfigError(f"command line: expected --section.key VALUE (or --config FILE first), got {a!r}")
+        if "=" in a:
+            name, value = a[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: {a} needs a value")
+            name, value = a[2:], args[i + 1]
+            i += 2
+        section, key = name.split(".", 1)
+        _apply(cfg, section, key.replace("-", "_"), value, "command line")
+    return cfg
+
+
+def _toml_value(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else json.dumps(v)
+
+
+def to_toml(cfg, with_help: bool = False) -> str:
+    """The config as TOML (RUN/config.toml); with_help: each key's help as a comment (--help)."""
+    lines = []
+    for sec in dataclasses.fields(cfg):
+        lines.append(f"[{sec.name}]")
+        sub = getattr(cfg, sec.name)
+        for f in dataclasses.fields(sub):
+            line = f"{f.name} = {_toml_value(getattr(sub, f.name))}"
+            if with_help and f.metadata.get("help"):
+                line = f"{line:<32} # {f.metadata['help']}"
+            lines.append(line)
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""The Trainer: one training run of any objective, used by llara_fast.pretrain, llara_fast.finetune
+and benchmarks/throughput.py (which so measures exactly what training runs).
+
+    trainer = Trainer(cfg, "pretrain", default_steps=(12, 200))   # process group, device, dtype
+    trainer.write_config()                                         # RUN/config.toml (resolved)
+    trainer.build(model, module, objective)                        # AC -> compile -> FSDP, AdamW, schedule
+    summary = trainer.fit(loader, next_batches, describe, oom_hint)
+
+fit() resumes from the latest complete checkpoint when ``run.resume`` is set, then loops: one
+optimizer step (llara_fast.train.step), the non-finite guard, one metrics.jsonl record and log
+line per step, a progress bar, checkpoints every ``run.ckpt_every`` steps and at the end.
+``Trainer.hooks`` are called after each step as hook(trainer, step, micro_batches, stats): the
+tests inject faults and fingerprint the data there, outside the product's hot path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from llara_fast.errors import ConfigError, UserError
+from llara_fast.io.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from llara_fast.runtime import tune_cpu_malloc
+from llara_fast.train.config import load_config, to_toml
+from llara_fast.train.parallel import parallelize
+from llara_fast.train.step import StepStats, build_optimizer, lr_lambda, optimizer_step
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_type: str) -> tuple[int, int]:
+    """torchrun sets RANK/WORLD_SIZE; a plain `python -m` run becomes a 1-process group."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def init_run(run) -> tuple[int, int, torch.device, torch.dtype]:
+    """Process group, device and parameter dtype from a RunConfig: (rank, world, device, dtype)."""
+    dev_type = run.device if run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = dev_type == "cuda"
+    auto = torch.bfloat16 if on_gpu else torch.float32
+    dtype = auto if run.dtype == "auto" else DTYPES.get(run.dtype)
+    if dtype is None:
+        raise ConfigError(f"run.dtype must be auto, float32 or bfloat16, got {run.dtype!r}")
+    rank, world = init_distributed(dev_type)
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        tune_cpu_malloc()
+    device = torch.device(dev_type, torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    return rank, world, device, dtype
+
+
+class NonfiniteGuard:
+    """Counts consecutive skipped (non-finite) steps; stops the run after `limit` in a row."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer, self.in_a_row = trainer, 0
+
+    def update(self, step: int, stats: StepStats) -> None:
+        if not stats.skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.trainer.log(f"step {step}: non-finite loss/grad ({stats.parts[0]}, {stats.grad_norm}); update "
+                         f"skipped ({self.in_a_row} in a row)")
+        if self.in_a_row >= self.trainer.cfg.run.max_nonfinite:
+            raise UserError(f"{self.in_a_row} non-finite steps in a row at step {step}; stopping. The last good "
+                            f"checkpoint is {latest_checkpoint(self.trainer.out)}; lower optim.lr or check the data")
+
+
+class Trainer:
+    hooks: list[Callable] = []  # hook(trainer, step, micro_batches, stats), after each step
+
+    def __init__(self, cfg, job: str, default_steps: tuple[int, int]):
+        """cfg: a job config with model, optim and run sections; default_steps: (CPU, GPU) for run.steps 0."""
+        self.cfg, self.job = cfg, job
+        self.rank, self.world, self.device, self.dtype = init_run(cfg.run)
+        self.on_gpu = self.device.type == "cuda"
+        self.steps = cfg.run.steps or default_steps[self.on_gpu]
+        cfg.run.steps = self.steps  # the saved config is the resolved one
+        self.out = Path(cfg.run.out_dir)
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
+
+    def write_config(self) -> None:
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(to_toml(self.cfg))
+
+    def build(self, model: torch.nn.Module, module: torch.nn.Module, objective) -> None:
+        """Parallelize ``module`` (the train module around ``model``) onto the device, AdamW and
+        the learning-rate schedule over self.steps."""
+        m, o = self.cfg.model, self.cfg.optim
+        self.model, self.objective = model, objective
+        self.module = parallelize(model, module.to(self.device), m.ac, m.compile, self.dtype)
+        self.optimizer = build_optimizer(self.module, o.lr, o.weight_decay, (o.beta1, o.beta2))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(o.warmup_steps, self.steps, o.decay, o.min_lr_ratio))
+
+    def step(self, micro_batches) -> StepStats:
+        return optimizer_step(self.module, micro_batches, self.optimizer, self.scheduler, self.objective,
+                              device=self.device, grad_clip=self.cfg.optim.grad_clip)
+
+    def _resume(self, state: TrainState) -> int:
+        ck = latest_checkpoint(self.out)
+        if ck is None:
+            self.log(f"run.resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
+            return 0
+        start = load_checkpoint(ck, state)["step"]
+        self.log(f"resumed from {ck} (step {start})")
+        return start
+
+    def _record(self, rec: dict, line: str, show: bool) -> None:
+        """Rank 0 appends the step's record to metrics.jsonl and, when `show`, prints its log line."""
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if show:
+                self.log(line)
+
+    def fit(self, loader, next_batches: Callable[[], list], describe: Callable, oom_hint: str) -> dict:
+        """Train self.steps steps. next_batches() gives this rank's micro-batches of one step;
+        describe(step, stats) -> (metrics record, log line); oom_hint: what to change when the
+        GPU runs out of memory."""
+        run = self.cfg.run
+        state = TrainState(self.module, self.optimizer, self.scheduler, loader)
+        start = self._resume(state) if run.resume else 0
+        guard, last = NonfiniteGuard(self), {}
+        bar = tqdm(total=self.steps, initial=start, desc=self.job, unit="step", disable=self.rank != 0,
+                   file=sys.stderr)
+        wall0 = time.perf_counter()
+        try:
+            for step in range(start + 1, self.steps + 1):
+                batches = next_batches()
+                stats = self.step(batches)
+                guard.update(step, stats)
+                last, line = describe(step, stats)
+                self._record(last, line, step % run.log_every == 0 or step == self.steps)
+                bar.update(1)
+                if (run.ckpt_every and step % run.ckpt_every == 0) or step == self.steps:
+                    path = save_checkpoint(self.out, step, state, run.keep_checkpoints,
+                                           {"model_args": dataclasses.asdict(self.model.args)})
+                    self.log(f"saved {path}")
+                for hook in Trainer.hooks:
+                    hook(self, step, batches, stats)
+        except torch.cuda.OutOfMemoryError as e:
+            raise UserError(f"out of GPU memory ({str(e).splitlines()[0]}). {oom_hint}") from None
+        finally:
+            bar.close()
+        return {"steps": self.steps, "wall_s": time.perf_counter() - wall0, "final": last,
+                "checkpoint": str(latest_checkpoint(self.out)), "world_size": self.world}
+
+
+def cli(argv: list[str] | None, config_cls, run_fn: Callable, prog: str, doc: str) -> int:
+    """The command-line shell of a training job: --help prints the doc and the defaults with each
+    key's help; a config error exits 2, any other UserError 1, each as one line; everything else
+    raises with its traceback. The process group is always torn down."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(doc)
+        print(to_toml(config_cls(), with_help=True))
+        return 0
+    try:
+        summary = run_fn(load_config(argv, config_cls))
+        if dist.get_rank() == 0:
+            print(json.dumps(summary), flush=True)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
