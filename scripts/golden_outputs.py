@@ -54,7 +54,8 @@ def tensors(export_dir: Path) -> dict:
 
 def strip(obj):
     if isinstance(obj, dict):
-        return {k: strip(v) for k, v in obj.items() if k not in TIMING and "per_s" not in k and "seconds" not in k}
+        return {k: strip(v) for k, v in obj.items()
+                if k not in TIMING and k != "model" and "per_s" not in k and "seconds" not in k}  # model: a path
     return obj
 
 
@@ -87,7 +88,7 @@ def record(out: Path, skip_default: bool) -> dict:
 
 
 def compare(a: Path, b: Path) -> int:
-    x, y = json.loads(a.read_text()), json.loads(b.read_text())
+    x, y = strip(json.loads(a.read_text())), strip(json.loads(b.read_text()))
     bad = [k for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
     for k in bad:
         print(f"DIFFERENT: {k}\n  before: {json.dumps(x.get(k))[:600]}\n  after:  {json.dumps(y.get(k))[:600]}")

@@ -103,6 +103,14 @@ def _float64_norms_and_rope(ref):
 CUDA = torch.cuda.is_available()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e/ is marked e2e (so is any test marked by hand)."""
+    e2e = Path(__file__).resolve().parent / "e2e"
+    for item in items:
+        if e2e in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
 def kernel_cases(cpu_dtypes=("float32", "float16")):
     """(device, dtype, impl) cases for kernel tests: the Triton kernels (interpreted on CPU) and
     the chunked PyTorch path on CPU in fp32/fp16; bf16 on a GPU only (broken in the interpreter)."""

@@ -130,6 +130,7 @@ def test_export_errors(tmp_path, capsys):
         parse_size("lots")
 
 
+@pytest.mark.e2e
 def test_export_training_checkpoint(tmp_path):
     """A real checkpoint of llara_fast.pretrain (debug preset, one step) exports to exactly its
     DCP weights, and the encoder reads it directly."""

@@ -22,7 +22,7 @@ from llara_fast.objectives.llara import LossConfig
 from llara_fast.model import Transformer
 from llara_fast.objectives.llara import LlaraTrainModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import reference_llara as ref  # noqa: E402
 

@@ -14,7 +14,7 @@ from llara_fast.objectives.contrastive import ContrastiveConfig, ContrastiveModu
 from llara_fast.data.packing import pack_encode_reference
 from llara_fast.io.hf import ours_to_hf
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEMPERATURE = 0.05
 Q_TOTAL, GROUP = 4, 3  # 4 queries, each with 1 positive + 2 negatives
 
@@ -125,11 +125,12 @@ def test_loss_and_grads_match_hf_transcription_real_model(smollm2):
     _compare_grads({k: p.grad for k, p in model.named_parameters()}, _grads_hf(ref), rel=1e-10)
 
 
+@pytest.mark.e2e
 def test_cross_rank_negatives_two_processes_match_transcription(tmp_path):
     """2 gloo processes, 2 queries each, every query scored against all 12 passages of both ranks
     (all-gather with gradients) == the dense transcription over the 4 queries in one process."""
     out = tmp_path / "dist.pt"
-    run_entry([str(ROOT / "tests" / "contrastive_dist.py")], [str(out)], nproc=2)
+    run_entry([str(ROOT / "tests" / "unit" / "contrastive_dist.py")], [str(out)], nproc=2)
     got = torch.load(out)
     model, template = tiny_model()
     queries, passages = global_batch(template)

@@ -11,7 +11,7 @@ import llara_fast
 from conftest import random_examples, toy_template
 from llara_fast.data.packing import pack_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_extension_is_built():
