@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from llara_fast.batch import Example
-from llara_fast.templates import Template
 from llara_fast.objectives.llara import LossConfig
+from llara_fast.templates import Template
 from llara_fast.train.step import fused_adamw_ok
 
 

@@ -11,8 +11,9 @@ import argparse
 import json
 import statistics
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 COLUMNS = ("run", "model", "layers", "steps", "tokens/step", "tokens/s", "passages/s", "TFLOP/s", "MFU",
            "peak GiB", "loss first→last")

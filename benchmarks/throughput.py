@@ -73,21 +73,20 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference_llara  # noqa: E402
 from _bench_util import _malloc_trim, _proc_status_kib, _reset_rss_peak, device_label, versions  # noqa: E402
 
-import reference_llara  # noqa: E402
-
-from llara_fast.config import PRESETS, ModelArgs, mfu, peak_tflops_for  # noqa: E402
 from llara_fast.batch import Example  # noqa: E402
-from llara_fast.data.packing import example_num_tokens
+from llara_fast.config import PRESETS, ModelArgs, mfu, peak_tflops_for  # noqa: E402
 from llara_fast.data.native import pack_greedy
-from llara_fast.templates import Template  # noqa: E402
+from llara_fast.data.packing import example_num_tokens
 from llara_fast.io.load import load as load_source  # noqa: E402
 from llara_fast.objectives.llara import LlaraObjective, LlaraTrainModule, LossConfig  # noqa: E402
 from llara_fast.pretrain import PretrainConfig  # noqa: E402
+from llara_fast.runtime import tune_cpu_malloc  # noqa: E402
+from llara_fast.templates import Template  # noqa: E402
 from llara_fast.train.config import OptimConfig  # noqa: E402
 from llara_fast.train.trainer import Trainer, init_distributed  # noqa: E402
-from llara_fast.runtime import tune_cpu_malloc  # noqa: E402
 
 MiB = 2**20
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llara_fast.batch import PackedBatch
+
 try:  # optional: pip install llara-fast[flash]
     from flash_attn import flash_attn_varlen_func
 except Exception:  # ImportError, or a broken CUDA build
@@ -87,7 +89,7 @@ class AttnMeta:
     block_mask: object | None = None
 
 
-def build_meta(batch, backend: str) -> AttnMeta:
+def build_meta(batch: PackedBatch, backend: str) -> AttnMeta:
     blocks = block_mask = None
     if backend == "sdpa":
         blocks = _example_blocks(batch)
@@ -97,7 +99,7 @@ def build_meta(batch, backend: str) -> AttnMeta:
                     batch.max_seqlen_k, batch.k_index, blocks, block_mask)
 
 
-def _example_blocks(batch) -> list:
+def _example_blocks(batch: PackedBatch) -> list:
     """Dense boolean masks over independent blocks of the token stream, built from
     cu_seqlens and k_index alone.
 
@@ -173,7 +175,7 @@ def flex_mask_tensors(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Ten
     return seg, ext
 
 
-def _flex_block_mask(batch):
+def _flex_block_mask(batch: PackedBatch):
     n = batch.input_ids.shape[0]
     seg, ext = flex_mask_tensors(batch.cu_seqlens_q, batch.cu_seqlens_k, batch.k_index, n)
 

@@ -310,7 +310,7 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         result = run_evaluation(args)
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+    except UserError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     print(format_report(result))

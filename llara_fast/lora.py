@@ -13,14 +13,26 @@ Targets name the Linear attributes of model.py (wq wk wv wo w1 w2 w3) or their H
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llara_fast.config import opt
+
 HF_NAMES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
             "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass
+class LoraConfig:
+    """The [lora] section of llara_fast.finetune (and of a run's config.toml, read by io.load)."""
+    rank: int = opt(0, "LoRA rank (0: full fine-tuning)")
+    alpha: float = opt(32.0, "LoRA alpha (scaling alpha / rank)")
+    dropout: float = opt(0.0, "dropout on the LoRA input")
+    targets: str = opt("all", "comma list of wq,wk,wv,wo,w1,w2,w3 (or HF names), or all")
 
 
 class LoRALinear(nn.Linear):

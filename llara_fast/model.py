@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llara_fast.attention import AttnMeta, build_meta, packed_attention, resolve_backend
+from llara_fast.batch import PackedBatch
 from llara_fast.config import ModelArgs
 
 
@@ -135,7 +136,7 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
             self.rope_inv_freq.copy_(rope_inv_freq(self.args))
 
-    def forward(self, batch) -> torch.Tensor:
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
         """batch: PackedBatch on this module's device. Returns hidden states (N, d)."""
         h = self.tok_embeddings(batch.input_ids)  # (N, d)
         backend = resolve_backend(self.attn_backend, batch.input_ids.device, h.dtype)

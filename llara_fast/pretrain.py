@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llara_fast.config import mfu, opt, peak_tflops_for
-from llara_fast.data.loader import llara_loader
+from llara_fast.config import mfu, peak_tflops_for
+from llara_fast.data.loader import PretrainDataConfig, llara_loader
 from llara_fast.io.load import load
 from llara_fast.objectives.llara import LlaraObjective, LlaraTrainModule, LossConfig
 from llara_fast.templates import Template
@@ -26,22 +26,9 @@ from llara_fast.train.trainer import Trainer, cli
 
 
 @dataclass
-class DataConfig:
-    dir: str = opt("", "a prepared data directory; empty: prepare `format` on the fly")
-    format: str = opt("wiki-sample", "for on-the-fly prepare: wiki-sample, llara-jsonl, text")
-    input: str = opt("", "for on-the-fly prepare of llara-jsonl / text")
-    limit: int = opt(-1, "for on-the-fly prepare: first N records (0: all; -1: 2000 on CPU, all on GPU)")
-    max_len: int = opt(128, "passage (TEXT) tokens per example (targets: max_len + the prompt tokens)")
-    cutoff_len: int = opt(0, "or the released code's cutoff_len, the whole sequence (> 0 overrides max_len)")
-    token_budget: int = opt(0, "tokens per micro-batch (0: 1024 on CPU, 16384 on GPU)")
-    grad_accum: int = opt(1, "micro-batches per rank per step")
-    seed: int = opt(0, "data order")
-
-
-@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -60,20 +47,16 @@ def run(cfg: PretrainConfig) -> dict:
     trainer.build(model, LlaraTrainModule(model, cfg.loss), LlaraObjective(model.args.vocab_size))
     peak = peak_tflops_for(torch.cuda.get_device_name(trainer.device)) if gpu else None
 
-    def describe(step, stats):
+    def describe(stats):
         r = LlaraObjective.result(stats)
         flops = model.args.step_flops(r.tokens, r.attn_pairs, r.head_positions)
-        rec = {"step": step, "loss": r.loss, "lm": r.lm, "ebae": r.ebae, "ebar": r.ebar, "grad_norm": r.grad_norm,
-               "lr": trainer.scheduler.get_last_lr()[0], "tokens": r.tokens, "passages": r.examples,
-               "tokens_per_s": r.tokens / r.seconds, "passages_per_s": r.examples / r.seconds,
-               "tflops": flops / r.seconds / 1e12, "mfu": mfu(flops, r.seconds, peak * trainer.world) if peak else None,
-               "mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 2**30 if gpu else None,
-               "loader_wait_s": loader.wait_seconds, "skipped": r.skipped}
-        line = (f"step {step:5d} | loss {r.loss:.4f} (lm {r.lm:.4f} ebae {r.ebae:.4f} ebar {r.ebar:.4f}) | gnorm "
-                f"{r.grad_norm:.3f} | lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s {rec['passages_per_s']:.1f}"
-                f" psg/s | {rec['tflops']:.2f} TFLOP/s" + (f" MFU {rec['mfu']:.1%}" if rec["mfu"] else "")
-                + (f" | mem {rec['mem_gb']:.1f} GB" if gpu else ""))
-        return rec, line
+        f = {"loss": r.loss, "lm": r.lm, "ebae": r.ebae, "ebar": r.ebar, "grad_norm": r.grad_norm, "tokens": r.tokens,
+             "passages": r.examples, "tokens_per_s": r.tokens / r.seconds, "passages_per_s": r.examples / r.seconds,
+             "tflops": flops / r.seconds / 1e12, "mfu": mfu(flops, r.seconds, peak * trainer.world) if peak else None,
+             "loader_wait_s": loader.wait_seconds}
+        return f, (f"loss {r.loss:.4f} (lm {r.lm:.4f} ebae {r.ebae:.4f} ebar {r.ebar:.4f}) | gnorm {r.grad_norm:.3f} | "
+                   f"{f['tokens_per_s']:.0f} tok/s {f['passages_per_s']:.1f} psg/s | {f['tflops']:.2f} TFLOP/s"
+                   + (f" MFU {f['mfu']:.1%}" if f["mfu"] else ""))
 
     oom = (f"data.token_budget is {d.token_budget}: lower it, set model.ac=selective or full, or use more GPUs "
            "(FSDP shards parameters and optimizer)")

@@ -31,16 +31,13 @@ import torch
 import torch.distributed as dist
 
 from llara_fast.batch import PackedBatch
+from llara_fast.config import opt
 from llara_fast.data.native import NativePacker, greedy_offsets, use_native
 from llara_fast.data.packing import pack_encode_reference, pack_reference
+from llara_fast.data.pairs import FinetuneDataConfig, load_records, tokenize_records
 from llara_fast.data.prepare import PrepareOptions, cached_prepare_dir, prepare
-from llara_fast.data.shards import (
-    MANIFEST,
-    ExampleStream,
-    ShardedDataset,
-    check_resume_state,
-)
-from llara_fast.errors import UserError
+from llara_fast.data.shards import MANIFEST, ExampleStream, ShardedDataset, check_resume_state
+from llara_fast.errors import ConfigError, UserError
 from llara_fast.io.hf import resolve_source
 from llara_fast.templates import Lengths, Template
 
@@ -227,6 +224,20 @@ class PackedLoader:
         return [pack_reference(exs[a:b], self.template, self.max_len) for a, b in zip(offs[:-1], offs[1:])]
 
 
+@dataclass
+class PretrainDataConfig:
+    """The [data] section of llara_fast.pretrain."""
+    dir: str = opt("", "a prepared data directory; empty: prepare `format` on the fly")
+    format: str = opt("wiki-sample", "for on-the-fly prepare: wiki-sample, llara-jsonl, text")
+    input: str = opt("", "for on-the-fly prepare of llara-jsonl / text")
+    limit: int = opt(-1, "for on-the-fly prepare: first N records (0: all; -1: 2000 on CPU, all on GPU)")
+    max_len: int = opt(128, "passage (TEXT) tokens per example (targets: max_len + the prompt tokens)")
+    cutoff_len: int = opt(0, "or the released code's cutoff_len, the whole sequence (> 0 overrides max_len)")
+    token_budget: int = opt(0, "tokens per micro-batch (0: 1024 on CPU, 16384 on GPU)")
+    grad_accum: int = opt(1, "micro-batches per rank per step")
+    seed: int = opt(0, "data order")
+
+
 def llara_loader(cfg, tokenizer, template: Template, rank: int, world: int) -> PackedLoader:
     """The PackedLoader of a pretraining config (its data, model and run sections): data.dir, or
     data.format prepared once (rank 0; the others wait) into a cache next to the runs. Refuses data
@@ -343,3 +354,16 @@ class ContrastiveLoader:
             raise ValueError(f"the checkpoint's data ({state['records']} records, seed {state['seed']}) is not this "
                              f"run's ({len(self.records)} records, seed {self.seed})")
         self.slot = state["slot"]
+
+
+def contrastive_loader(d: FinetuneDataConfig, tokenizer, template: Template, rank: int,
+                       world: int) -> tuple[ContrastiveLoader, str]:
+    """The ContrastiveLoader of a fine-tuning data section, and a line saying what it holds."""
+    if d.queries < 1 or d.negatives < 0 or d.grad_accum < 1:
+        raise ConfigError("data.queries and data.grad_accum must be >= 1, data.negatives >= 0")
+    recs, counts, src = load_records(d)
+    records = tokenize_records(recs, tokenizer, d.query_max_len, d.passage_max_len)
+    about = f"data: {len(records)} training queries from {src}" + (
+        f"; counts: {dict(sorted((k, v) for k, v in counts.items() if v))}" if counts else "")
+    loader = ContrastiveLoader(records, template, GroupSpec(d.queries, d.negatives, d.grad_accum, d.seed), rank, world)
+    return loader, about

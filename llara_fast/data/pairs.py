@@ -41,6 +41,7 @@ from typing import Iterable
 
 import numpy as np
 
+from llara_fast.config import opt
 from llara_fast.data.beir import load_beir
 from llara_fast.data.sources import iter_wiki_sample
 from llara_fast.errors import ConfigError, InputNotFound, UserError
@@ -255,31 +256,6 @@ def beir_to_pairs(beir_dir: str | os.PathLike, split: str = "train", negatives: 
 
 
 # ---- CLI --------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    """Convert a BEIR split to FlagEmbedding fine-tuning JSONL with hard (BM25) or random negatives."""
-    p = argparse.ArgumentParser(prog="python -m llara_fast.data.pairs", description=main.__doc__)
-    p.add_argument("--beir", required=True, help="BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/)")
-    p.add_argument("--split", default="train", help="qrels split (qrels/<split>.tsv); default train")
-    p.add_argument("--negatives", choices=("bm25", "random"), default="bm25",
-                   help="top BM25 hits that are not relevant, or a uniform random sample; default bm25")
-    p.add_argument("--k", type=int, default=7, help="negatives per query; default 7")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random negatives; default 0")
-    p.add_argument("--out", required=True, help="output JSONL file")
-    a = p.parse_args(argv)
-    t0 = time.perf_counter()
-    counts: Counter = Counter()
-    records = beir_to_pairs(a.beir, a.split, a.negatives, a.k, a.seed, counts)
-    write_pairs(records, a.out)
-    summary = " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if v)
-    print(f"pairs: {len(records)} records ({a.negatives}, k={a.k}) -> {a.out} in {time.perf_counter() - t0:.1f}s; "
-          f"{summary}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ---- the training records of llara_fast.finetune -----------------------------------------------
 def wiki_pairs(limit: int, negatives: int, seed: int) -> list[dict]:
     """The embedded default: title -> its lead paragraph, negatives drawn from other paragraphs."""
@@ -293,7 +269,25 @@ def wiki_pairs(limit: int, negatives: int, seed: int) -> list[dict]:
     return out
 
 
-def load_records(d) -> tuple[list[dict], Counter, str]:
+@dataclass
+class FinetuneDataConfig:
+    """The [data] section of llara_fast.finetune."""
+    train: str = opt("", "FlagEmbedding JSONL ({\"query\", \"pos\", \"neg\"} per line)")
+    beir: str = opt("", "or a BEIR directory, converted on the fly")
+    split: str = opt("train", "BEIR split to train on")
+    mining: str = opt("bm25", "BEIR negatives: bm25 (hard) or random")
+    mined: int = opt(15, "BEIR negatives mined per query (data.negatives are sampled from them)")
+    limit: int = opt(0, "first N records (0: all)")
+    queries: int = opt(4, "queries per micro-batch and rank")
+    negatives: int = opt(3, "hard negatives per query (group = 1 + negatives)")
+    query_max_len: int = opt(64, "query TEXT tokens")
+    passage_max_len: int = opt(256, "passage TEXT tokens")
+    grad_accum: int = opt(1, "micro-batches per rank per step")
+    max_bad_fraction: float = opt(0.5, "stop when more records than this are unusable")
+    seed: int = opt(0, "data order and negative sampling")
+
+
+def load_records(d: FinetuneDataConfig) -> tuple[list[dict], Counter, str]:
     """Training records of a fine-tuning data section (data.train, data.beir, or the Wikipedia
     sample) as dicts, the skip counts, and a description of the source. Every rank reads (or
     mines) the same records deterministically."""
@@ -326,3 +320,32 @@ def tokenize_records(recs: list[dict], tokenizer, q_len: int, p_len: int):
     qs = tokenizer([r["query"] for r in recs], add_special_tokens=False, truncation=True,
                    max_length=q_len)["input_ids"]
     return [(q, [ids[t] for t in r["pos"]], [ids[t] for t in r["neg"]]) for q, r in zip(qs, recs)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Convert a BEIR split to FlagEmbedding fine-tuning JSONL with hard (BM25) or random negatives."""
+    p = argparse.ArgumentParser(prog="python -m llara_fast.data.pairs", description=main.__doc__)
+    p.add_argument("--beir", required=True, help="BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/)")
+    p.add_argument("--split", default="train", help="qrels split (qrels/<split>.tsv); default train")
+    p.add_argument("--negatives", choices=("bm25", "random"), default="bm25",
+                   help="top BM25 hits that are not relevant, or a uniform random sample; default bm25")
+    p.add_argument("--k", type=int, default=7, help="negatives per query; default 7")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random negatives; default 0")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    counts: Counter = Counter()
+    try:
+        records = beir_to_pairs(a.beir, a.split, a.negatives, a.k, a.seed, counts)
+        write_pairs(records, a.out)
+    except UserError as e:
+        print(f"pairs: error: {e}", file=sys.stderr)
+        return 2
+    summary = " ".join(f"{k}={v}" for k, v in sorted(counts.items()) if v)
+    print(f"pairs: {len(records)} records ({a.negatives}, k={a.k}) -> {a.out} in {time.perf_counter() - t0:.1f}s; "
+          f"{summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -70,14 +70,9 @@ from llara_fast.data.records import (
     decode_record,
     iter_records,
 )
-from llara_fast.data.shards import (
-    FORMAT_VERSION,
-    ShardWriter,
-    token_dtype_for,
-    tokenizer_fingerprint,
-    write_manifest,
-)
+from llara_fast.data.shards import FORMAT_VERSION, ShardWriter, token_dtype_for, tokenizer_fingerprint, write_manifest
 from llara_fast.data.text import doc_chunks, remove_stopwords
+from llara_fast.errors import UserError
 from llara_fast.io.hf import add_special_tokens, load_tokenizer, resolve_source
 from llara_fast.templates import Lengths, PromptConfig, Template
 
@@ -458,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             cutoff_len=a.cutoff_len, target_max_len=a.target_max_len, remove_stopwords=a.remove_stopwords,
             chunk_tokens=a.chunk_tokens, max_bad_fraction=a.max_bad_fraction, workers=a.workers,
             shard_examples=a.shard_examples, limit=a.limit, overwrite=a.overwrite, progress=not a.no_progress))
-    except PrepareError as e:
+    except UserError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary), flush=True)

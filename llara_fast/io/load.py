@@ -16,13 +16,7 @@ import tomllib
 from llara_fast.config import PRESETS, ModelArgs
 from llara_fast.errors import UserError
 from llara_fast.io.checkpoint import COMPLETE, is_training_checkpoint, read_model
-from llara_fast.io.hf import (
-    add_special_tokens,
-    grow_embeddings,
-    load_hf_model,
-    load_tokenizer,
-    resolve_source,
-)
+from llara_fast.io.hf import add_special_tokens, grow_embeddings, load_hf_model, load_tokenizer, resolve_source
 from llara_fast.model import Transformer
 from llara_fast.templates import PromptConfig
 

@@ -28,12 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from llara_fast.errors import ConfigError, UserError
-from llara_fast.io.checkpoint import (
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from llara_fast.io.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from llara_fast.runtime import tune_cpu_malloc
 from llara_fast.train.config import load_config, to_toml
 from llara_fast.train.parallel import parallelize
@@ -138,6 +133,14 @@ class Trainer:
         self.log(f"resumed from {ck} (step {start})")
         return start
 
+    def _describe(self, step: int, stats: StepStats, describe: Callable) -> tuple[dict, str]:
+        """The job's fields and log line of a step, with the learning rate and (GPU) peak memory."""
+        fields, line = describe(stats)
+        lr = self.scheduler.get_last_lr()[0]
+        mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.on_gpu else None
+        rec = {"step": step, **fields, "lr": lr, "mem_gb": mem, "skipped": stats.skipped}
+        return rec, f"step {step:5d} | {line} | lr {lr:.2e}" + (f" | mem {mem:.1f} GB" if mem is not None else "")
+
     def _record(self, rec: dict, line: str, show: bool) -> None:
         """Rank 0 appends the step's record to metrics.jsonl and, when `show`, prints its log line."""
         if self.rank == 0:
@@ -148,8 +151,8 @@ class Trainer:
 
     def fit(self, loader, next_batches: Callable[[], list], describe: Callable, oom_hint: str) -> dict:
         """Train self.steps steps. next_batches() gives this rank's micro-batches of one step;
-        describe(step, stats) -> (metrics record, log line); oom_hint: what to change when the
-        GPU runs out of memory."""
+        describe(stats) -> (the job's metrics fields, its part of the log line); oom_hint: what to
+        change when the GPU runs out of memory."""
         run = self.cfg.run
         state = TrainState(self.module, self.optimizer, self.scheduler, loader)
         start = self._resume(state) if run.resume else 0
@@ -162,7 +165,7 @@ class Trainer:
                 batches = next_batches()
                 stats = self.step(batches)
                 guard.update(step, stats)
-                last, line = describe(step, stats)
+                last, line = self._describe(step, stats, describe)
                 self._record(last, line, step % run.log_every == 0 or step == self.steps)
                 bar.update(1)
                 if (run.ckpt_every and step % run.ckpt_every == 0) or step == self.steps:

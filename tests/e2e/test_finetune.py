@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import hooked, run_entry
 
 COMMON = ["--model.name", "debug", "--data.limit", "24", "--data.negatives", "2", "--optim.lr", "1e-3",
@@ -125,6 +124,7 @@ def test_loader_is_rank_independent_and_tops_up_negatives():
     """The global step's groups are the same for 1 and 2 ranks; a query with too few negatives
     is topped up with other queries' positives, never its own."""
     from conftest import toy_template
+
     from llara_fast.data.loader import ContrastiveLoader, GroupSpec
 
     recs = [([i + 1], [[100 + i]], [[200 + i]] if i % 2 else []) for i in range(5)]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_examples, toy_template
 
 import llara_fast
-from conftest import random_examples, toy_template
 from llara_fast.data.packing import pack_reference
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import hooked, run_entry, step_hashes
 
 COMMON = ["--model.name", "debug", "--data.token_budget", "500", "--optim.lr", "1e-3", "--optim.warmup_steps", "1"]

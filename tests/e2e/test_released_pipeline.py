@@ -13,15 +13,15 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from conftest import hf_reference_model
+
 from llara_fast.data import prepare as P
-from llara_fast.data.text import STOPWORDS
 from llara_fast.data.packing import pack_reference
 from llara_fast.data.shards import ShardedDataset
 from llara_fast.data.sources import iter_wiki_sample
-from llara_fast.templates import Lengths, Template
+from llara_fast.data.text import STOPWORDS
 from llara_fast.objectives.llara import LossConfig, llara_loss
+from llara_fast.templates import Lengths, Template
 
 CUTOFF = 128
 PROMPT = '"'

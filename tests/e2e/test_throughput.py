@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import _float64_norms_and_rope, random_examples, reference_layout, toy_template
+
 from llara_fast.config import ModelArgs
 from llara_fast.data.packing import pack_reference
 from llara_fast.io.hf import ours_to_hf
-from llara_fast.objectives.llara import LossConfig
 from llara_fast.model import Transformer
-from llara_fast.objectives.llara import LlaraTrainModule
+from llara_fast.objectives.llara import LlaraTrainModule, LossConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))

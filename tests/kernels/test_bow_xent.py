@@ -1,11 +1,11 @@
 """bow_xent (fused projection + pooled bag-of-words CE) against the PyTorch reference."""
 import pytest
 import torch
-
 from conftest import kernel_cases, poison_empty
+from errmodel import assert_within, logit_error, sum_tol, xent_grad_tol
+
 from llara_fast.kernels import bow_xent as bow_mod
 from llara_fast.kernels.bow_xent import bow_xent
-from errmodel import assert_within, logit_error, sum_tol, xent_grad_tol
 from llara_fast.kernels.reference import bow_xent_from_logits, bow_xent_reference
 
 # fp32 is checked against a float64 truth under the rounding bound of tests/errmodel.py; the

@@ -1,11 +1,11 @@
 """linear_xent (fused linear + LM CE, chunked) against the PyTorch reference."""
 import pytest
 import torch
-
 from conftest import kernel_cases, poison_empty
+from errmodel import assert_within, xent_grad_tol, xent_loss_tol
+
 from llara_fast.kernels import linear_xent as lx_mod
 from llara_fast.kernels.linear_xent import linear_xent
-from errmodel import assert_within, xent_grad_tol, xent_loss_tol
 from llara_fast.kernels.reference import linear_xent_reference
 
 # fp32 against a float64 truth under the rounding bound of tests/errmodel.py; the half formats

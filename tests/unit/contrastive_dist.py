@@ -5,14 +5,16 @@ its share (rank r: queries r*B..(r+1)*B and their groups), computes the cross-ra
 ContrastiveModule, back-propagates world * loss as contrastive_step does, and sums the
 parameter gradients over ranks / world. Rank 0 saves the summed loss and the gradients."""
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from llara_fast.objectives.contrastive import ContrastiveConfig, ContrastiveModule
 from llara_fast.data.packing import pack_encode_reference
+from llara_fast.objectives.contrastive import ContrastiveConfig, ContrastiveModule
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # test_contrastive and the tests' conftest
 from test_contrastive import GROUP, Q_TOTAL, TEMPERATURE, global_batch, tiny_model  # noqa: E402
 
 

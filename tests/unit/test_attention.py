@@ -6,10 +6,16 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_examples, toy_template
-from llara_fast.attention import (_example_blocks, available_backends, build_meta, flex_mask_tensors, packed_attention,
-                                  resolve_backend)
+
+from llara_fast.attention import (
+    _example_blocks,
+    available_backends,
+    build_meta,
+    flex_mask_tensors,
+    packed_attention,
+    resolve_backend,
+)
 from llara_fast.data.packing import pack_encode_reference, pack_reference
 
 

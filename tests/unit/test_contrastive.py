@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import hf_reference_model, run_entry, toy_template
-from llara_fast.objectives.contrastive import ContrastiveConfig, ContrastiveModule, info_nce, pooled_embeddings
+
 from llara_fast.data.packing import pack_encode_reference
 from llara_fast.io.hf import ours_to_hf
+from llara_fast.objectives.contrastive import ContrastiveConfig, ContrastiveModule, info_nce, pooled_embeddings
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPERATURE = 0.05

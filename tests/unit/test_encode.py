@@ -8,13 +8,12 @@ import copy
 
 import pytest
 import torch
+from conftest import hf_reference_model
 
-from llara_fast.templates import PromptConfig
 from llara_fast.encode import Encoder, main
 from llara_fast.io.export import export
 from llara_fast.io.load import load
-
-from conftest import hf_reference_model
+from llara_fast.templates import PromptConfig
 
 EMB_ATOL = 2.0**-24
 TEXTS = ["a short one", "The quick brown fox jumps over the lazy dog. " * 6, "", "Paris is in France.",

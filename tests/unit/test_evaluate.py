@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from errmodel import sum_tol
 
-from llara_fast.evaluate import (evaluate_run, load_beir, main, mrr_at_k, ndcg_at_k, rank, recall_at_k,
-                                 search, to_run)
+from llara_fast.evaluate import evaluate_run, load_beir, main, mrr_at_k, ndcg_at_k, rank, recall_at_k, search, to_run
 
 SCIFACT = Path(os.environ.get("LLARA_FAST_SCIFACT", "/work/shared/data/beir/scifact"))
 L2, L3, L4, L5 = (math.log2(n) for n in (2, 3, 4, 5))

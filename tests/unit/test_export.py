@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from llara_fast.config import ModelArgs
-from llara_fast.templates import SPECIAL_TOKENS
 from llara_fast.encode import Encoder
 from llara_fast.io.export import ExportOptions, export, main, parse_size
-from llara_fast.io.load import load
 from llara_fast.io.hf import load_tokenizer, read_safetensors, resolve_source, save_hf_dir
+from llara_fast.io.load import load
 from llara_fast.model import Transformer
+from llara_fast.templates import SPECIAL_TOKENS
 
 TEXTS = ["The llama is a domesticated South American camelid, widely used as a meat and pack animal.",
          "Paris is the capital of France.",

@@ -6,10 +6,16 @@ import pytest
 import torch
 
 from llara_fast.config import ModelArgs
-from llara_fast.templates import SPECIAL_TOKENS, Template
-from llara_fast.io.hf import (add_special_tokens, grow_embeddings, load_hf_model, load_tokenizer,
-                              read_safetensors, save_hf_dir)
+from llara_fast.io.hf import (
+    add_special_tokens,
+    grow_embeddings,
+    load_hf_model,
+    load_tokenizer,
+    read_safetensors,
+    save_hf_dir,
+)
 from llara_fast.model import Transformer
+from llara_fast.templates import SPECIAL_TOKENS, Template
 
 
 def _tiny(tie=False):

@@ -6,15 +6,15 @@ model of tests/errmodel.py, so the tests hold on any CPU's BLAS."""
 import numpy as np
 import pytest
 import torch
-
 from conftest import hf_reference_model, random_examples, reference_layout, toy_template
 from errmodel import assert_within, xent_grad_tol
-from llara_fast.config import ModelArgs
+
 from llara_fast.batch import Example
+from llara_fast.config import ModelArgs
 from llara_fast.data.packing import pack_reference
 from llara_fast.io.hf import ours_to_hf
-from llara_fast.objectives.llara import LossConfig, llara_loss
 from llara_fast.model import Transformer
+from llara_fast.objectives.llara import LossConfig, llara_loss
 
 
 def reference_objective(logits_of, template, examples, w_lm=1.0, pooling="max"):

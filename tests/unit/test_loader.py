@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_examples, toy_template
-from llara_fast.data.native import native_packer_available
-from llara_fast.data.loader import LoaderOptions, PackedLoader
-from llara_fast.data.packing import pack_greedy_reference
-from llara_fast.data.shards import ExampleStream, epoch_order
 from test_packing import assert_same_batch
 from test_shards import write_dataset
+
+from llara_fast.data.loader import LoaderOptions, PackedLoader
+from llara_fast.data.native import native_packer_available
+from llara_fast.data.packing import pack_greedy_reference
+from llara_fast.data.shards import ExampleStream, epoch_order
 
 MAX_LEN, BUDGET = 24, 120
 

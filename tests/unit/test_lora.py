@@ -1,8 +1,8 @@
 """LoRA adapters: identity at init, only adapters train, merge == adapted forward."""
 import pytest
 import torch
-
 from conftest import toy_template
+
 from llara_fast.data.packing import pack_encode_reference
 from llara_fast.lora import LoRALinear, apply_lora, merge_lora, parse_targets
 

@@ -8,10 +8,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from conftest import hf_reference_model, random_examples, reference_layout, toy_template
-from llara_fast.config import ModelArgs
+
 from llara_fast.batch import Example
+from llara_fast.config import ModelArgs
 from llara_fast.data.packing import pack_reference
 from llara_fast.model import Transformer
 

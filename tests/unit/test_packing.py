@@ -6,12 +6,18 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_examples, toy_template
+
 import llara_fast
 from llara_fast.data import native
-from llara_fast.data.native import native_packer_available
-from llara_fast.data.native import NativePacker, examples_to_source, greedy_offsets, pack, pack_greedy
+from llara_fast.data.native import (
+    NativePacker,
+    examples_to_source,
+    greedy_offsets,
+    native_packer_available,
+    pack,
+    pack_greedy,
+)
 from llara_fast.data.packing import example_num_tokens, greedy_groups, pack_greedy_reference, pack_reference
 
 needs_native = pytest.mark.skipif(not native_packer_available(), reason="llara_fast._C is not built")

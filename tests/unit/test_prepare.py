@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from llara_fast.data import prepare as P
-from llara_fast.data.text import STOPWORDS, remove_stopwords, split_sentences
 from llara_fast.data.shards import ShardedDataset, tokenizer_fingerprint
 from llara_fast.data.sources import sentencepiece_model_path
+from llara_fast.data.text import STOPWORDS, remove_stopwords, split_sentences
 from llara_fast.templates import Template
 
 SYLLABLES = [c + v + n for n in ("", "n") for c in "bcdfghjklmnprstvwxyz" for v in "aeiou"]  # ~250 tokens, ~170 ids

@@ -3,11 +3,18 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import random_examples
+
 from llara_fast.data.native import examples_to_source
-from llara_fast.data.shards import (MANIFEST, ExampleStream, ShardedDataset, ShardWriter, epoch_order,
-                                    token_dtype_for, write_manifest)
+from llara_fast.data.shards import (
+    MANIFEST,
+    ExampleStream,
+    ShardedDataset,
+    ShardWriter,
+    epoch_order,
+    token_dtype_for,
+    write_manifest,
+)
 
 
 def write_dataset(path, examples, vocab=300, shard_examples=7, batch=5, max_len=64):
