@@ -1,5 +1,5 @@
 """The reference LLaRA training step, re-implemented from its description (DESIGN §1, §6):
-the baseline that benchmarks/throughput.py runs side by side with llara_fast's ``train_step``.
+the baseline that benchmarks/throughput.py runs side by side with llara_fast's Trainer step (llara_fast.train).
 
 What the released code does, and so what this file does:
 - HF transformers ``LlamaForCausalLM``, SDPA attention (``attn_implementation="sdpa"``); flash

@@ -80,7 +80,7 @@ from llara_fast.batch import Example  # noqa: E402
 from llara_fast.config import PRESETS, ModelArgs, mfu, peak_tflops_for  # noqa: E402
 from llara_fast.data.native import pack_greedy
 from llara_fast.data.packing import example_num_tokens
-from llara_fast.io.load import load as load_source  # noqa: E402
+from llara_fast.io.load import load as load_model  # noqa: E402
 from llara_fast.objectives.llara import LlaraObjective, LlaraTrainModule, LossConfig  # noqa: E402
 from llara_fast.pretrain import PretrainConfig  # noqa: E402
 from llara_fast.runtime import tune_cpu_malloc  # noqa: E402
@@ -142,7 +142,7 @@ def load(a):
     (a random model is built with L blocks directly, without allocating the ones it would drop)."""
     torch.manual_seed(a.seed)
     try:
-        return load_source(a.model, attn_backend=a.attn, seed=a.seed, tokenizer=a.tokenizer,
+        return load_model(a.model, attn_backend=a.attn, seed=a.seed, tokenizer=a.tokenizer,
                            random_init=a.random_init, layers=a.layers)[:2]
     except ValueError as e:
         sys.exit(f"--model/--layers/--random-init: {e}")

@@ -59,7 +59,7 @@ class Template:
         if any(i is None or (unk is not None and i == unk) for i in new_ids):
             raise ValueError(
                 "tokenizer lacks the LLaRA special tokens <s1>..<s16>; add them with "
-                "llara_fast.hf.add_special_tokens(tokenizer) first")
+                "llara_fast.io.hf.add_special_tokens(tokenizer) first")
         prefix = tokenizer(prompts.prefix, add_special_tokens=True)["input_ids"]
         sum_ids = tokenizer(prompts.sum_string(), add_special_tokens=False)["input_ids"]
         pred_ids = tokenizer(prompts.pred_string(), add_special_tokens=False)["input_ids"]

@@ -2,7 +2,7 @@
 
 Every rank builds the same random model and the same global batch of queries + passages, keeps
 its share (rank r: queries r*B..(r+1)*B and their groups), computes the cross-rank InfoNCE with
-ContrastiveModule, back-propagates world * loss as contrastive_step does, and sums the
+ContrastiveModule, back-propagates world * loss as the step core (llara_fast.train.step) does, and sums the
 parameter gradients over ranks / world. Rank 0 saves the summed loss and the gradients."""
 import sys
 from pathlib import Path
