@@ -3,12 +3,10 @@
     torchrun --nproc_per_node K -m llara_fast.finetune [--config FILE.toml] [--section.key VALUE ...]
     python -m llara_fast.finetune --data.beir ../shared/data/beir/scifact --model.name runs/default/checkpoints/step_0000012
 
-Data (llara_fast.data.pairs): the FlagEmbedding JSONL ({"query", "pos": [...], "neg": [...]}),
-a BEIR split with BM25-mined (or random) negatives, or by default the Wikipedia sample (title ->
-lead paragraph). Each step: `data.queries` queries per micro-batch and rank, each with 1
-positive + `data.negatives` negatives, all in one packed forward (llara_fast.objectives.
-contrastive). Full fine-tuning, or LoRA with `lora.rank > 0`. The run is llara_fast.train's; at
-the end RUN/export is an HF directory (LoRA merged) that `llara_fast.evaluate` reads.
+Data (llara_fast.data.pairs): FlagEmbedding JSONL, a BEIR split with BM25 (or random) negatives,
+or the Wikipedia sample (title -> lead paragraph). InfoNCE over one packed forward per micro-batch
+(llara_fast.objectives.contrastive); full fine-tuning or LoRA (`lora.rank > 0`); the run is the
+Trainer's (llara_fast.train); at the end RUN/export is an HF directory (LoRA merged).
 """
 from __future__ import annotations
 
@@ -64,17 +62,9 @@ def run(cfg: FinetuneConfig) -> dict:
     objective = ContrastiveObjective(model.args.vocab_size)
     trainer.build(model, ContrastiveModule(model, cfg.contrastive), objective)
 
-    def describe(stats):
-        r = objective.result(stats)
-        f = {"loss": r.loss, "accuracy": r.accuracy, "grad_norm": r.grad_norm, "queries": r.queries,
-             "passages": r.passages, "tokens": r.tokens, "tokens_per_s": r.tokens / r.seconds,
-             "queries_per_s": r.queries / r.seconds}
-        return f, (f"loss {r.loss:.4f} | acc {r.accuracy:.3f} | gnorm {r.grad_norm:.3f} | "
-                   f"{f['tokens_per_s']:.0f} tok/s {f['queries_per_s']:.2f} q/s")
-
     oom = (f"data.queries={d.queries}, data.negatives={d.negatives}: lower them or data.passage_max_len, set "
            "model.ac=selective or full, or use more GPUs")
-    summary = trainer.fit(loader, lambda: next(loader), describe, oom)
+    summary = trainer.fit(loader, lambda: next(loader), objective.describe, oom)
     if cfg.run.export:
         summary["export"] = str(export_trained(trainer.module, model, tokenizer, prompts, trainer.out / "export",
                                                dataclasses.asdict(cfg.lora), f"{m.name} + llara_fast.finetune"))

@@ -128,6 +128,15 @@ class ContrastiveObjective:
                             self.n_queries)
         return loss, torch.stack([loss.detach().float(), hits.float()])
 
+    def describe(self, s) -> tuple[dict, str]:
+        """(metrics fields, log-line part) of a step, for the Trainer."""
+        r = self.result(s)
+        f = {"loss": r.loss, "accuracy": r.accuracy, "grad_norm": r.grad_norm, "queries": r.queries,
+             "passages": r.passages, "tokens": r.tokens, "tokens_per_s": r.tokens / r.seconds,
+             "queries_per_s": r.queries / r.seconds}
+        return f, (f"loss {r.loss:.4f} | acc {r.accuracy:.3f} | gnorm {r.grad_norm:.3f} | "
+                   f"{f['tokens_per_s']:.0f} tok/s {f['queries_per_s']:.2f} q/s")
+
     def result(self, s) -> ContrastiveStep:
         """The ContrastiveStep of a StepStats."""
         return ContrastiveStep(loss=s.parts[0], accuracy=s.parts[1] / self.n_queries, grad_norm=s.grad_norm,
