@@ -19,6 +19,7 @@ import torch
 from llara_fast.config import opt
 from llara_fast.data.loader import contrastive_loader
 from llara_fast.data.pairs import FinetuneDataConfig
+from llara_fast.data.shards import tokenizer_fingerprint
 from llara_fast.io.export import export_trained
 from llara_fast.io.load import load
 from llara_fast.lora import LoraConfig, apply_lora
@@ -49,7 +50,7 @@ class FinetuneConfig:
 def run(cfg: FinetuneConfig) -> dict:
     trainer = Trainer(cfg, "finetune", default_steps=(20, 500))
     d, m = cfg.data, cfg.model
-    trainer.write_config()
+    trainer.claim()
     torch.manual_seed(cfg.run.seed)
     model, tokenizer, prompts = load(m.name, m.attn, tokenizer=m.tokenizer or None, random_init=m.random_init,
                                      layers=m.layers, seed=cfg.run.seed)
@@ -64,7 +65,8 @@ def run(cfg: FinetuneConfig) -> dict:
 
     oom = (f"data.queries={d.queries}, data.negatives={d.negatives}: lower them or data.passage_max_len, set "
            "model.ac=selective or full, or use more GPUs")
-    summary = trainer.fit(loader, lambda: next(loader), objective.describe, oom)
+    identity = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": loader.data_id}
+    summary = trainer.fit(loader, lambda: next(loader), objective.describe, identity, oom)
     if cfg.run.export:
         summary["export"] = str(export_trained(trainer.module, model, tokenizer, prompts, trainer.out / "export",
                                                dataclasses.asdict(cfg.lora), f"{m.name} + llara_fast.finetune"))

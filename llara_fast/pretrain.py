@@ -18,6 +18,7 @@ import torch
 
 from llara_fast.config import mfu, peak_tflops_for
 from llara_fast.data.loader import PretrainDataConfig, llara_loader
+from llara_fast.data.shards import tokenizer_fingerprint
 from llara_fast.io.load import load
 from llara_fast.objectives.llara import LlaraObjective, LlaraTrainModule, LossConfig
 from llara_fast.templates import Template
@@ -39,7 +40,7 @@ def run(cfg: PretrainConfig) -> dict:
     d, m, gpu = cfg.data, cfg.model, trainer.on_gpu
     d.limit = d.limit if d.limit >= 0 else (0 if gpu else 2000)
     d.token_budget = d.token_budget or (16384 if gpu else 1024)
-    trainer.write_config()
+    trainer.claim()
     torch.manual_seed(cfg.run.seed)
     model, tokenizer, _ = load(m.name, m.attn, tokenizer=m.tokenizer or None, random_init=m.random_init,
                                layers=m.layers, seed=cfg.run.seed)
@@ -61,7 +62,8 @@ def run(cfg: PretrainConfig) -> dict:
     oom = (f"data.token_budget is {d.token_budget}: lower it, set model.ac=selective or full, or use more GPUs "
            "(FSDP shards parameters and optimizer)")
     try:
-        return trainer.fit(loader, lambda: [next(loader) for _ in range(d.grad_accum)], describe, oom)
+        identity = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": loader.dataset.data_id}
+        return trainer.fit(loader, lambda: [next(loader) for _ in range(d.grad_accum)], describe, identity, oom)
     finally:
         loader.close()
 

@@ -20,6 +20,8 @@ Data parallelism, two ways:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import queue
 import threading
 import time
@@ -296,6 +298,7 @@ class ContrastiveLoader:
         self.queries, self.negatives, self.grad_accum = groups.queries, groups.negatives, groups.grad_accum
         self.seed, self.dp_rank, self.dp_world = groups.seed, dp_rank, dp_world
         self.slot = 0  # next global query slot
+        self._data_id = None
         self._perm_epoch, self._perm = -1, None
         # Passages to draw from when a query has fewer negatives than asked: every positive.
         self.pool = [(i, j) for i, (_, pos, _) in enumerate(records) for j in range(len(pos))]
@@ -346,13 +349,23 @@ class ContrastiveLoader:
         self.slot += per_block * self.dp_world * self.grad_accum
         return out
 
+    @property
+    def data_id(self) -> str:
+        """Identity of the training records (their token ids), for resume checks."""
+        if self._data_id is None:
+            self._data_id = hashlib.sha256(json.dumps(self.records).encode()).hexdigest()[:16]
+        return self._data_id
+
     def state_dict(self) -> dict:
-        return {"slot": self.slot, "seed": self.seed, "records": len(self.records)}
+        return {"slot": self.slot, "seed": self.seed, "records": len(self.records), "data_id": self.data_id}
 
     def load_state_dict(self, state: dict):
-        if state["records"] != len(self.records) or state["seed"] != self.seed:
-            raise ValueError(f"the checkpoint's data ({state['records']} records, seed {state['seed']}) is not this "
-                             f"run's ({len(self.records)} records, seed {self.seed})")
+        same = (state["records"], state["seed"], state.get("data_id", self.data_id)) == (len(self.records), self.seed,
+                                                                                      self.data_id)
+        if not same:
+            raise UserError(f"the checkpoint's data ({state['records']} records, seed {state['seed']}, id "
+                            f"{state.get('data_id')}) is not this run's ({len(self.records)} records, seed {self.seed}, "
+                            f"id {self.data_id})")
         self.slot = state["slot"]
 
 

@@ -5,10 +5,17 @@ Layout of RUN/checkpoints/step_N (torch.distributed.checkpoint):
 - the DCP state {"model": the train module's state dict (keys "model.<ours>"), "optim": ...};
 - rank<r>.pt: step, scheduler, data position, RNG states, "model_args" (the ModelArgs);
 - COMPLETE: written last, by rank 0, once every rank is done (a directory without it is
-  ignored); RUN/config.toml next to RUN/checkpoints names the model (and tokenizer) of the run.
+  ignored): a JSON manifest with the step, the world size, the sha256 of every other file of the
+  checkpoint and the run's identity (model args, tokenizer fingerprint, data identity), so that a
+  resume verifies the bytes and the configuration before it loads anything;
+- RUN/config.toml next to RUN/checkpoints names the model (and tokenizer) of the run.
+
+Old checkpoints (a COMPLETE without hashes) still load; they are not verified.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -43,12 +50,73 @@ def checkpoint_dir(out: Path, step: int) -> Path:
     return Path(out) / "checkpoints" / f"step_{step:07d}"
 
 
-def latest_checkpoint(out: Path) -> Path | None:
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The checkpoints of a run that were written to the end, oldest first."""
     root = Path(out) / "checkpoints"
     if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file() and not p.name.endswith(".tmp"))
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file() and not p.name.endswith(".tmp"))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = complete_checkpoints(out)
     return done[-1] if done else None
+
+
+def file_hashes(path: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint directory but its COMPLETE marker."""
+    out = {}
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name != COMPLETE):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        out[str(f.relative_to(path))] = h.hexdigest()
+    return out
+
+
+def manifest(path: Path) -> dict:
+    return json.loads((Path(path) / COMPLETE).read_text())
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise UserError naming the first file whose bytes do not match the manifest (or that is
+    missing or unexpected); a checkpoint of before the manifests passes unverified."""
+    want = manifest(path).get("files")
+    if want is None:
+        return
+    got = file_hashes(path)
+    for name in sorted(set(want) | set(got)):
+        if want.get(name) != got.get(name):
+            why = "missing" if name not in got else "not in its manifest" if name not in want else "changed"
+            raise UserError(f"{path / name}: {why} since the checkpoint was written (sha256 mismatch)")
+
+
+def latest_verified_checkpoint(out: Path, log) -> Path | None:
+    """The newest complete checkpoint whose files match their hashes; each one that does not is
+    named (log) and passed over."""
+    for path in reversed(complete_checkpoints(out)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except UserError as e:
+            log(f"checkpoint {path.name} does not verify ({e}); trying the one before")
+    return None
+
+
+def _remove(path: Path) -> None:
+    """Rename out of the step_* namespace first, then delete: a kill mid-way never leaves a
+    step_N that looks complete but is not."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_partial(out: Path) -> None:
+    """Remove what an interrupted save or rotation left behind (rank 0, before a run starts)."""
+    root = Path(out) / "checkpoints"
+    for p in list(root.glob("step_*.tmp")) + list(root.glob(".trash-*")) if root.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def is_training_checkpoint(path: str | os.PathLike) -> bool:
@@ -62,10 +130,12 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
-def save_checkpoint(out: Path, step: int, state: TrainState, keep: int, extra: dict) -> Path:
-    """All ranks write into step_N.tmp; rank 0 marks it COMPLETE and renames it once every rank
-    is done, so a crash mid-save never leaves a directory that looks complete. Keeps the
-    ``keep`` newest complete checkpoints (0: all)."""
+def save_checkpoint(out: Path, step: int, state: TrainState, keep: int, identity: dict) -> Path:
+    """All ranks write into step_N.tmp; rank 0 hashes the files, writes the COMPLETE manifest and
+    renames the directory once every rank is done, so a crash mid-save never leaves a directory
+    that looks complete. Then keeps the ``keep`` newest complete checkpoints (0: all). A disk error
+    on any rank removes the partial directory and raises one UserError naming the path.
+    ``identity`` (JSON) is recorded for resume checks; its "model_args" also goes to rank<r>.pt."""
     rank = dist.get_rank()
     final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -73,27 +143,75 @@ def save_checkpoint(out: Path, step: int, state: TrainState, keep: int, extra: d
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    msd, osd = get_state_dict(state.module, state.optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save({"step": step, "scheduler": state.scheduler.state_dict(), "data": state.loader.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None, **extra},
-               tmp / f"rank{rank}.pt")
-    dist.barrier()
+    error = None
+    try:
+        msd, osd = get_state_dict(state.module, state.optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        torch.save({"step": step, "scheduler": state.scheduler.state_dict(), "data": state.loader.state_dict(),
+                    "rng": torch.get_rng_state(), "model_args": identity.get("model_args"),
+                    "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   tmp / f"rank{rank}.pt")
+    except (OSError, CheckpointException) as e:
+        error = e
+    if not _device_all_ok(error is None, state):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        why = _os_error(error) if error is not None else "another rank failed to write its part"
+        raise UserError(f"{tmp}: could not write the checkpoint ({why}); it was removed, the previous "
+                        "checkpoints are intact") from None
     if rank == 0:
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": dist.get_world_size()}))
-        shutil.rmtree(final, ignore_errors=True)
+        meta = {"step": step, "world_size": dist.get_world_size(), "files": file_hashes(tmp), "identity": identity}
+        (tmp / COMPLETE).write_text(json.dumps(meta))
+        if final.exists():
+            _remove(final)
         os.replace(tmp, final)
-        done = sorted(p for p in (Path(out) / "checkpoints").glob("step_*") if (p / COMPLETE).is_file())
+        done = complete_checkpoints(out)
         for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     dist.barrier()
     return final
 
 
+def _os_error(e: BaseException) -> str:
+    """The OS error inside an exception (DCP wraps the ranks' errors), e.g. "[Errno 28] No space left"."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return f"[Errno {seen.errno}] {os.strerror(seen.errno)} ({errno.errorcode.get(seen.errno, '')})"
+        seen = seen.__cause__ or seen.__context__
+    return _why(e)
+
+
+def _device_all_ok(ok: bool, state: TrainState) -> bool:
+    """True when every rank's ``ok`` is True (one small collective on the module's device)."""
+    dev = next(state.module.parameters()).device
+    flag = torch.tensor([0.0 if ok else 1.0], device=dev if dev.type == "cuda" else "cpu")
+    dist.all_reduce(flag)
+    return float(flag) == 0.0
+
+
+def check_identity(path: Path, identity: dict) -> None:
+    """Refuse to resume a checkpoint of another model, tokenizer or data, naming the field."""
+    saved = manifest(path).get("identity")
+    if saved is None:
+        return  # a checkpoint of before the manifests: nothing recorded to compare
+    for key in sorted(set(saved) | set(identity)):
+        a, b = saved.get(key), identity.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if diff:
+                k = diff[0]
+                raise UserError(f"{path}: the checkpoint's {key}.{k} is {a.get(k)!r}, this run's is {b.get(k)!r}; "
+                                "resume with the configuration it was written with, or start a new run directory")
+        elif a != b:
+            raise UserError(f"{path}: the checkpoint's {key} is {a!r}, this run's is {b!r}; resume with the "
+                            "configuration it was written with, or start a new run directory")
+
+
 def load_checkpoint(path: Path, state: TrainState) -> dict:
-    """Restore a trainer checkpoint into ``state`` (model, optimizer, scheduler, data position,
-    RNG); returns this rank's extra record (its "step" among them)."""
+    """Restore a verified trainer checkpoint into ``state`` (model, optimizer, scheduler, data
+    position, RNG); returns this rank's extra record (its "step" among them)."""
     marker = path / COMPLETE
     try:
         meta = json.loads(marker.read_text())
@@ -108,8 +226,8 @@ def load_checkpoint(path: Path, state: TrainState) -> dict:
     except UserError:
         raise
     except (Exception, CheckpointException) as e:
-        raise UserError(f"{path}: unreadable checkpoint ({_why(e)}); delete it to resume from an earlier one, or "
-                        "start without run.resume") from None
+        raise UserError(f"{path}: unreadable checkpoint ({_why(e)}); it was written with another configuration "
+                        "or version of llara_fast") from None
     state.scheduler.load_state_dict(extra["scheduler"])
     state.loader.load_state_dict(extra["data"])
     torch.set_rng_state(extra["rng"])

@@ -2,21 +2,26 @@
 and benchmarks/throughput.py (which so measures exactly what training runs).
 
     trainer = Trainer(cfg, "pretrain", default_steps=(12, 200))   # process group, device, dtype
-    trainer.write_config()                                         # RUN/config.toml (resolved)
+    trainer.claim()                                                # lock RUN, refuse another run's dir
     trainer.build(model, module, objective)                        # AC -> compile -> FSDP, AdamW, schedule
-    summary = trainer.fit(loader, next_batches, describe, oom_hint)
+    summary = trainer.fit(loader, next_batches, describe, identity, oom_hint)
 
-fit() resumes from the latest complete checkpoint when ``run.resume`` is set, then loops: one
-optimizer step (llara_fast.train.step), the non-finite guard, one metrics.jsonl record and log
-line per step, a progress bar, checkpoints every ``run.ckpt_every`` steps and at the end.
+fit() resumes from the newest checkpoint that verifies (file hashes) and matches the run's
+identity (model args, tokenizer, data) when ``run.resume`` is set, writes RUN/config.toml, then
+loops: one optimizer step (llara_fast.train.step), the non-finite guard, one metrics.jsonl record
+and log line per step, a progress bar, checkpoints every ``run.ckpt_every`` steps and at the end;
+SIGTERM / SIGINT finish the step, save it and exit with Preempted.exit_code (75).
 ``Trainer.hooks`` are called after each step as hook(trainer, step, micro_batches, stats): the
 tests inject faults and fingerprint the data there, outside the product's hot path.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
+import shutil
+import signal
 import socket
 import sys
 import time
@@ -28,7 +33,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from llara_fast.errors import ConfigError, UserError
-from llara_fast.io.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from llara_fast.io.checkpoint import (
+    TrainState,
+    check_identity,
+    clean_partial,
+    complete_checkpoints,
+    latest_checkpoint,
+    latest_verified_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from llara_fast.runtime import tune_cpu_malloc
 from llara_fast.train.config import load_config, to_toml
 from llara_fast.train.parallel import parallelize
@@ -70,6 +84,93 @@ def init_run(run) -> tuple[int, int, torch.device, torch.dtype]:
     return rank, world, device, dtype
 
 
+class Preempted(UserError):
+    """The run was asked to stop (SIGTERM, SIGINT) and saved its last step."""
+    exit_code = 75  # EX_TEMPFAIL: try again (with --run.resume true)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT set a flag instead of killing the process; agreed() tells, after a step,
+    whether any rank got one (torchrun forwards the signal to every rank, not always at once)."""
+
+    def __init__(self):
+        self.signum, self._old = 0, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the default
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def agreed(self, device: torch.device) -> int:
+        flag = torch.tensor([self.signum], device=device if device.type == "cuda" else "cpu")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class RunLock:
+    """An exclusive lock on RUN/.lock for the life of the process (released when it exits, however)."""
+
+    def __init__(self, out: Path):
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.path.read_text().strip() or "another process"
+            os.close(self.fd)
+            raise UserError(f"{out}: in use by {holder}; one run directory holds one run") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode())
+
+
+RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints")
+
+
+def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """A fresh run needs an empty run directory (or run.overwrite, which clears the old run's files);
+    a resume keeps them. Leftovers of an interrupted save are removed either way."""
+    present = [n for n in RUN_FILES if (out / n).exists()]
+    if present and not resume:
+        if not overwrite:
+            raise UserError(f"{out}: holds another run ({', '.join(present)}); pass --run.resume true to continue "
+                            "it, --run.overwrite true to replace it, or choose another run.out_dir")
+        for n in present:
+            p = out / n
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    clean_partial(out)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics rows up to ``step`` (a resumed run re-runs the later ones)."""
+    if not path.is_file():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _broadcast(obj):
+    """Rank 0's obj on every rank."""
+    if dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class NonfiniteGuard:
     """Counts consecutive skipped (non-finite) steps; stops the run after `limit` in a row."""
 
@@ -84,8 +185,9 @@ class NonfiniteGuard:
         self.trainer.log(f"step {step}: non-finite loss/grad ({stats.parts[0]}, {stats.grad_norm}); update "
                          f"skipped ({self.in_a_row} in a row)")
         if self.in_a_row >= self.trainer.cfg.run.max_nonfinite:
+            good = latest_verified_checkpoint(self.trainer.out, lambda _: None)
             raise UserError(f"{self.in_a_row} non-finite steps in a row at step {step}; stopping. The last good "
-                            f"checkpoint is {latest_checkpoint(self.trainer.out)}; lower optim.lr or check the data")
+                            f"checkpoint is {good}; lower optim.lr or check the data")
 
 
 class Trainer:
@@ -105,9 +207,23 @@ class Trainer:
             tqdm.write(msg, file=sys.stdout)
             sys.stdout.flush()
 
-    def write_config(self) -> None:
+    def claim(self) -> None:
+        """Make the run directory this run's: a lock held for the run's life (a second run on it fails
+        at once, naming the holder), and a fresh run refused where another run's files are, unless
+        run.resume or run.overwrite. RUN/config.toml is written later, once every check passed."""
+        msg = None
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self._lock = RunLock(self.out)
+                claim_run_dir(self.out, self.cfg.run.resume, self.cfg.run.overwrite)
+            except UserError as e:
+                msg = str(e)
+        msg = _broadcast(msg)
+        if msg is not None:
+            raise UserError(msg)
+
+    def _write_config(self) -> None:
+        if self.rank == 0:
             (self.out / "config.toml").write_text(to_toml(self.cfg))
 
     def build(self, model: torch.nn.Module, module: torch.nn.Module, objective) -> None:
@@ -124,12 +240,19 @@ class Trainer:
         return optimizer_step(self.module, micro_batches, self.optimizer, self.scheduler, self.objective,
                               device=self.device, grad_clip=self.cfg.optim.grad_clip)
 
-    def _resume(self, state: TrainState) -> int:
-        ck = latest_checkpoint(self.out)
+    def _resume(self, state: TrainState, identity: dict) -> int:
+        """Load the newest checkpoint that verifies and belongs to this configuration; drop the
+        metrics rows after its step (they are re-run)."""
+        ck = latest_verified_checkpoint(self.out, self.log)
         if ck is None:
+            if complete_checkpoints(self.out):
+                raise UserError(f"run.resume: no checkpoint under {self.out / 'checkpoints'} verifies (see above)")
             self.log(f"run.resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
             return 0
+        check_identity(ck, identity)
         start = load_checkpoint(ck, state)["step"]
+        if self.rank == 0:
+            truncate_metrics(self.out / "metrics.jsonl", start)
         self.log(f"resumed from {ck} (step {start})")
         return start
 
@@ -149,13 +272,24 @@ class Trainer:
             if show:
                 self.log(line)
 
-    def fit(self, loader, next_batches: Callable[[], list], describe: Callable, oom_hint: str) -> dict:
+    def fit(self, loader, next_batches: Callable[[], list], describe: Callable, identity: dict,
+            oom_hint: str) -> dict:
         """Train self.steps steps. next_batches() gives this rank's micro-batches of one step;
-        describe(stats) -> (the job's metrics fields, its part of the log line); oom_hint: what to
-        change when the GPU runs out of memory."""
+        describe(stats) -> (the job's metrics fields, its part of the log line); identity: what a
+        checkpoint must match to be resumed (model args, tokenizer fingerprint, data identity);
+        oom_hint: what to change when the GPU runs out of memory. SIGTERM / SIGINT finish the
+        step, save a checkpoint and raise Preempted."""
         run = self.cfg.run
         state = TrainState(self.module, self.optimizer, self.scheduler, loader)
-        start = self._resume(state) if run.resume else 0
+        identity = {"model_args": dataclasses.asdict(self.model.args), **identity}
+        start = self._resume(state, identity) if run.resume else 0
+        self._write_config()  # every check passed
+        with StopSignals() as stop:
+            return self._loop(state, start, (next_batches, describe, identity, oom_hint), stop)
+
+    def _loop(self, state: TrainState, start: int, job: tuple, stop: "StopSignals") -> dict:
+        next_batches, describe, identity, oom_hint = job
+        run = self.cfg.run
         guard, last = NonfiniteGuard(self), {}
         bar = tqdm(total=self.steps, initial=start, desc=self.job, unit="step", disable=self.rank != 0,
                    file=sys.stderr)
@@ -168,12 +302,16 @@ class Trainer:
                 last, line = self._describe(step, stats, describe)
                 self._record(last, line, step % run.log_every == 0 or step == self.steps)
                 bar.update(1)
-                if (run.ckpt_every and step % run.ckpt_every == 0) or step == self.steps:
-                    path = save_checkpoint(self.out, step, state, run.keep_checkpoints,
-                                           {"model_args": dataclasses.asdict(self.model.args)})
+                signum = stop.agreed(self.device)
+                due = (run.ckpt_every and step % run.ckpt_every == 0) or step == self.steps or signum
+                if due and not stats.skipped:  # a non-finite step never becomes a checkpoint
+                    path = save_checkpoint(self.out, step, state, run.keep_checkpoints, identity)
                     self.log(f"saved {path}")
                 for hook in Trainer.hooks:
                     hook(self, step, batches, stats)
+                if signum:
+                    raise Preempted(f"stopped by {signal.Signals(signum).name} after step {step}; the checkpoint "
+                                    f"{latest_checkpoint(self.out)} holds it: rerun with --run.resume true")
         except torch.cuda.OutOfMemoryError as e:
             raise UserError(f"out of GPU memory ({str(e).splitlines()[0]}). {oom_hint}") from None
         finally:
@@ -200,6 +338,9 @@ def cli(argv: list[str] | None, config_cls, run_fn: Callable, prog: str, doc: st
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return Preempted.exit_code
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

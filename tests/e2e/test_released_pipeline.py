@@ -10,7 +10,6 @@ data path (templates, prepare, packer) is used on its side."""
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 from conftest import hf_reference_model

@@ -1,9 +1,9 @@
 """Job configs (llara_fast.train.config): every key has a help that --help prints beside its
 default; TOML and --section.key overrides; clear config errors; RUN/config.toml round-trips."""
 import dataclasses
-import tomllib
 
 import pytest
+import tomllib
 
 from llara_fast.errors import ConfigError, UserError
 from llara_fast.finetune import FinetuneConfig

@@ -1,0 +1,204 @@
+"""Runs that cannot lose work (llara_fast.train.trainer, llara_fast.io.checkpoint): a run directory
+belongs to one run, checkpoints are verified and matched to the configuration before a resume,
+a refused start changes nothing, SIGTERM saves and exits so that a resume continues exactly,
+rotation and disk errors never leave a checkpoint that looks complete but is not."""
+import errno
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import hooked, run_entry, step_hashes
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON = ["--model.name", "debug", "--data.limit", "60", "--data.token_budget", "500", "--optim.lr", "1e-3",
+          "--optim.warmup_steps", "1"]
+
+
+def _run(args, hooks=(), check=True):
+    target = hooked("llara_fast.pretrain", *hooks) if hooks else ["-m", "llara_fast.pretrain"]
+    return run_entry(target, args, check=check)
+
+
+def _metrics(run):
+    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_directory_holds_one_run(tmp_path):
+    run = tmp_path / "run"
+    _run([*COMMON, "--run.steps", "2", "--run.out_dir", str(run)])
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    p = _run([*COMMON, "--run.steps", "2", "--run.out_dir", str(run)], check=False)
+    assert p.returncode == 1 and "holds another run" in p.stderr and "--run.resume true" in p.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}  # nothing of the old run touched
+    # a second run while one holds the directory fails at once, naming the holder
+    with open(run / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("pid 4242 on testhost since now\n")
+        f.flush()
+        t0 = time.perf_counter()
+        p = _run([*COMMON, "--run.steps", "3", "--run.out_dir", str(run), "--run.resume", "true"], check=False)
+        assert p.returncode == 1 and "in use by pid 4242 on testhost" in p.stderr and time.perf_counter() - t0 < 60
+    # overwrite: the old run's files go, the new run is alone in its directory
+    _run([*COMMON, "--run.steps", "1", "--run.out_dir", str(run), "--run.overwrite", "true"])
+    assert [m["step"] for m in _metrics(run)] == [1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001"]
+
+
+def test_corrupt_checkpoint_is_detected_and_passed_over(tmp_path):
+    run = tmp_path / "run"
+    args = [*COMMON, "--run.steps", "4", "--run.ckpt_every", "2", "--run.keep_checkpoints", "0"]
+    _run([*args, "--run.out_dir", str(run)])
+    newest = run / "checkpoints" / "step_0000004"
+    shard = sorted(newest.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = np.random.default_rng(0).bytes(4096)
+    shard.write_bytes(bytes(data))
+    p = _run([*args, "--run.steps", "5", "--run.out_dir", str(run), "--run.resume", "true"])
+    assert f"{shard}: changed since the checkpoint was written" in p.stdout
+    assert "resumed from" in p.stdout and "step_0000002 (step 2)" in p.stdout  # the newest one that verifies
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4, 5]  # each step once: rows after step 2 re-run
+
+
+def test_corruption_probe_is_always_detected(tmp_path):
+    """Random bytes at a random place of a random file of a checkpoint: detected in 20 of 20 tries."""
+    from llara_fast.errors import UserError
+    from llara_fast.io.checkpoint import verify_checkpoint
+
+    run = tmp_path / "run"
+    _run([*COMMON, "--run.steps", "1", "--run.out_dir", str(run)])
+    ck = run / "checkpoints" / "step_0000001"
+    files = sorted(p for p in ck.rglob("*") if p.is_file() and p.name != "COMPLETE")
+    rng = np.random.default_rng(1)
+    verify_checkpoint(ck)  # intact: passes
+    detected = 0
+    for _ in range(20):
+        f = files[int(rng.integers(len(files)))]
+        orig = f.read_bytes()
+        n = int(rng.integers(1, min(65536, len(orig)) + 1))
+        at = int(rng.integers(0, len(orig) - n + 1))
+        junk = rng.bytes(n)
+        if junk == orig[at:at + n]:
+            continue
+        f.write_bytes(orig[:at] + junk + orig[at + n:])
+        try:
+            verify_checkpoint(ck)
+        except UserError as e:
+            detected += str(f) in str(e)
+        f.write_bytes(orig)
+    assert detected == 20
+
+
+def test_resume_is_refused_for_another_model_or_tokenizer_and_changes_nothing(tmp_path):
+    from llara_fast.data.sources import sentencepiece_model_path
+
+    run = tmp_path / "run"
+    _run([*COMMON, "--run.steps", "2", "--run.out_dir", str(run)])
+    cfg = (run / "config.toml").read_bytes()
+    p = _run([*COMMON, "--run.steps", "3", "--run.out_dir", str(run), "--run.resume", "true", "--model.layers", "1"],
+             check=False)
+    assert p.returncode == 1 and "model_args.n_layers is 2, this run's is 1" in p.stderr
+    assert "delete" not in p.stderr  # a checkpoint that verifies is never to be deleted
+    p = _run([*COMMON, "--run.steps", "3", "--run.out_dir", str(run), "--run.resume", "true", "--model.tokenizer",
+              str(sentencepiece_model_path())], check=False)
+    assert p.returncode == 1 and (run / "config.toml").read_bytes() == cfg  # a refused start writes nothing
+    assert [m["step"] for m in _metrics(run)] == [1, 2]
+
+
+def _start(args, hooks=()):
+    cmd = [sys.executable, *(hooked("llara_fast.pretrain", *hooks) if hooks else ["-m", "llara_fast.pretrain"]), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _wait_for_step(run: Path, step: int, proc, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the run did not reach step {step}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_saves_and_resume_continues_exactly(tmp_path, sig):
+    args = [*COMMON, "--run.steps", "6"]
+    full = tmp_path / "full"
+    _run([*args, "--run.out_dir", str(full)], hooks=("--hash-dir", str(tmp_path / "h_full")))
+    run = tmp_path / "run"
+    proc = _start([*args, "--run.out_dir", str(run)], hooks=("--hash-dir", str(tmp_path / "h_run")))
+    _wait_for_step(run, 2, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=240)
+    stopped = len(_metrics(run))
+    assert proc.returncode == 75, err[-2000:]
+    assert f"stopped by {sig.name} after step {stopped}" in err and "--run.resume true" in err
+    assert (run / "checkpoints" / f"step_{stopped:07d}" / "COMPLETE").is_file()
+    _run([*args, "--run.out_dir", str(run), "--run.resume", "true"], hooks=("--hash-dir", str(tmp_path / "h_run")))
+    got, want = _metrics(run), _metrics(full)
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(got, want):
+        for k in ("loss", "lm", "ebae", "ebar", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
+    assert step_hashes(tmp_path / "h_run") == step_hashes(tmp_path / "h_full")  # the same data order
+
+
+def test_rotation_and_disk_errors_leave_no_false_checkpoint(tmp_path, monkeypatch):
+    """In one process: a kill while rotation deletes (simulated: the delete raises) leaves no old
+    step_N that looks complete; ENOSPC during a save gives one line naming the path and the error,
+    removes the partial directory and keeps the previous checkpoint."""
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+
+    from llara_fast.errors import UserError
+    from llara_fast.io import checkpoint as ck
+    from llara_fast.train.trainer import init_distributed
+
+    class Loader:
+        def state_dict(self):
+            return {"pos": 1}
+
+    monkeypatch.setenv("MASTER_PORT", str(29000 + os.getpid() % 1000))
+    init_distributed("cpu")
+    try:
+        module = torch.nn.Linear(4, 4)
+        opt = torch.optim.AdamW(module.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        state = ck.TrainState(module, opt, sched, Loader())
+        out = tmp_path / "run"
+        ck.save_checkpoint(out, 1, state, keep=1, identity={"model_args": {}})
+        real_rmtree = shutil.rmtree
+
+        def killed(path, *a, **k):
+            if Path(path).name.startswith(".trash-"):
+                raise KeyboardInterrupt("killed mid-deletion")
+            return real_rmtree(path, *a, **k)
+        monkeypatch.setattr(ck.shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            ck.save_checkpoint(out, 2, state, keep=1, identity={"model_args": {}})
+        monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
+        steps = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+        assert steps == ["step_0000002"] and ck.latest_checkpoint(out).name == "step_0000002"
+        ck.clean_partial(out)
+        assert not list((out / "checkpoints").glob(".trash-*"))
+
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(ck.dcp, "save", full)
+        with pytest.raises(UserError, match=r"step_0000003\.tmp: could not write the checkpoint \(\[Errno 28\] No "
+                                            r"space left on device \(ENOSPC\)\)"):
+            ck.save_checkpoint(out, 3, state, keep=1, identity={"model_args": {}})
+        assert not (out / "checkpoints" / "step_0000003.tmp").exists()
+        ck.verify_checkpoint(out / "checkpoints" / "step_0000002")  # the previous one, intact
+    finally:
+        dist.destroy_process_group()
