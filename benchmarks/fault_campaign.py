@@ -5,8 +5,9 @@ checkpoint saves), resume, and check that every resumed run equals the uninterru
 
 One reference run of the debug preset (`--steps` steps, a checkpoint every 2) records its per-step
 losses and the fingerprint of each step's batches (tests/hooked_run.py --hash-dir). Each try starts
-the same run, waits a random time (up to the reference's wall time), sends SIGKILL or SIGTERM
-(chosen at random), then resumes with --run.resume true until the run completes (a try whose run
+the same run, waits until its first step is done, then a random time within the reference's
+training phase (steps and checkpoint saves, start-up excluded), sends SIGKILL or SIGTERM (chosen
+at random), then resumes with --run.resume true until the run completes (a try whose run
 had already finished counts as not interrupted). A try survives when the final metrics.jsonl holds
 each step once with the reference's losses (rel 1e-6) and the batches of every step re-run after
 the resume have the reference's fingerprints. Prints one line per try and a JSON summary.
@@ -55,6 +56,12 @@ def hashes(directory: Path) -> dict[int, int]:
     return out
 
 
+def first_step(proc: subprocess.Popen, out: Path) -> None:
+    """Wait until the run has recorded its first step (or ended)."""
+    while proc.poll() is None and not metrics(out):
+        time.sleep(0.02)
+
+
 def same(got: list[dict], want: list[dict]) -> bool:
     if [m["step"] for m in got] != [m["step"] for m in want]:
         return False
@@ -78,19 +85,21 @@ def main(argv=None) -> int:
     data = work / "data"
     prepare(None, "wiki-sample", str(resolve_source("smollm2-135m")), 96, data,
             PrepareOptions(limit=150, progress=False, workers=1))
-    t0 = time.perf_counter()
     ref = start(run_args(work / "ref", a.steps, data), work / "h_ref")
+    first_step(ref, work / "ref")
+    t0 = time.perf_counter()
     if ref.wait() != 0:
         sys.exit(f"the reference run failed: {ref.stderr.read()[-2000:]}")
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0  # from the end of step 1 to the end of the run
     want, want_h = metrics(work / "ref"), hashes(work / "h_ref")
     tried = survived = not_interrupted = 0
     kinds = {"SIGKILL": [0, 0], "SIGTERM": [0, 0]}
     for i in range(a.tries):
         out, h = work / f"try{i}", work / f"h{i}"
         sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
-        delay = rng.uniform(0.3 * wall, 0.95 * wall)  # start-up takes a third of a run
+        delay = rng.uniform(0.0, wall)
         proc = start(run_args(out, a.steps, data), h)
+        first_step(proc, out)
         time.sleep(delay)
         if proc.poll() is not None:
             not_interrupted += 1
@@ -108,12 +117,12 @@ def main(argv=None) -> int:
         survived += ok
         kinds[sig.name][0] += 1
         kinds[sig.name][1] += ok
-        print(f"try {i}: {sig.name} at {delay:.1f}s (after step {at}, exit {rc}) -> "
+        print(f"try {i}: {sig.name} {delay:.1f}s after step 1 (after step {at}, exit {rc}) -> "
               f"{'survived' if ok else 'DIFFERENT'}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
     summary = {"bench": "fault_campaign", "tries": tried, "survived": survived, "not_interrupted": not_interrupted,
                "by_signal": {k: {"tried": v[0], "survived": v[1]} for k, v in kinds.items()},
-               "steps": a.steps, "reference_wall_s": round(wall, 1), "seed": a.seed,
+               "steps": a.steps, "reference_training_s": round(wall, 1), "seed": a.seed,
                "command": "python benchmarks/fault_campaign.py " + " ".join(argv or sys.argv[1:])}
     print(json.dumps(summary))
     if a.out:

@@ -9,6 +9,7 @@ queries are each counted by reason (``BeirData.counts``)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,7 +58,8 @@ REASONS = {
     "queries_bad_line": "queries.jsonl lines that are not a JSON object with an _id (skipped)",
     "queries_duplicate_id": "queries.jsonl duplicate _id (first kept)",
     "queries_empty_text": "queries with empty text (skipped)",
-    "qrels_bad_line": "qrels lines without query, document and integer score (skipped)",
+    "qrels_bad_line": "qrels lines without query, document and integer score, e.g. 0.5 or inf (skipped)",
+    "qrels_duplicate": "qrels lines repeating a (query, document) pair (the first kept)",
     "qrels_header": "qrels header line",
     "qrels_unknown_query": "judged query ids absent from queries.jsonl (skipped)",
     "qrels_unknown_doc": "judgements of documents absent from the corpus (kept: unretrievable)",
@@ -91,6 +93,18 @@ def _text(v) -> str:
     return v.strip() if isinstance(v, str) else ""
 
 
+def _judgement(s: str) -> int:
+    """An integer judgement: "2", or a float that is an integer ("1.0"); anything else (0.5, inf,
+    nan, words) raises ValueError."""
+    try:
+        return int(s)
+    except ValueError:
+        v = float(s)
+        if not math.isfinite(v) or v != int(v):
+            raise ValueError(f"judgement {s!r} is not an integer") from None
+        return int(v)
+
+
 def read_qrels(path: Path, counts: Counter) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     with open(path, encoding="utf-8-sig", errors="replace") as f:
@@ -104,9 +118,12 @@ def read_qrels(path: Path, counts: Counter) -> dict[str, dict[str, int]]:
                 parts = [parts[0], parts[2], parts[3]]
             try:
                 q, d, s = (p.strip() for p in parts)
-                score = int(float(s))
+                score = _judgement(s)
             except ValueError:
                 counts["qrels_header" if n == 0 else "qrels_bad_line"] += 1
+                continue
+            if d in qrels.get(q, {}):
+                counts["qrels_duplicate"] += 1  # the first judgement is kept
                 continue
             qrels.setdefault(q, {})[d] = score
     return qrels

@@ -97,7 +97,17 @@ def parse_pair(rec) -> tuple[Pair | None, str]:
     neg = [] if neg is None else neg
     if not _is_str_list(neg):
         return None, "bad_type"
+    if not all(_encodable(t) for t in [query, *pos, *neg]):
+        return None, "invalid_utf8"  # a lone surrogate from a JSON escape ("\ud800"): no tokenizer takes it
     return Pair(query, _non_blank(pos), _non_blank(neg)), ""
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _decode(raw: bytes) -> tuple[object, str]:

@@ -71,7 +71,7 @@ from llara_fast.data.records import (
     iter_records,
 )
 from llara_fast.data.shards import FORMAT_VERSION, ShardWriter, token_dtype_for, tokenizer_fingerprint, write_manifest
-from llara_fast.data.text import doc_chunks, remove_stopwords
+from llara_fast.data.text import doc_chunks, remove_control_chars, remove_stopwords
 from llara_fast.errors import UserError
 from llara_fast.io.hf import add_special_tokens, load_tokenizer, resolve_source
 from llara_fast.templates import Lengths, PromptConfig, Template
@@ -222,6 +222,10 @@ class BatchWorker:
         docs = []  # (loc, fields)
         for rec in records:
             fields_, reason = decode_record(rec, self.job.fmt)
+            if reason is None:
+                cleaned = [remove_control_chars(f) for f in fields_]
+                fields_ = tuple(t for t, _ in cleaned)
+                res.counters["control_chars_removed"] += any(n for _, n in cleaned)
             if reason is None and not fields_[0].strip():
                 reason = "empty_text"
             if reason is not None:
@@ -389,6 +393,7 @@ def prepare(input: str | os.PathLike | None, fmt: str, tokenizer: str | os.PathL
         "skipped": {r: counters[r] for r in BAD_REASONS if counters[r]},
         "truncated": counters["truncated"], "empty_sum_targets": counters["empty_sum_targets"],
         "empty_pred_targets": counters["empty_pred_targets"], "blank_lines": counters["blank_lines"],
+        "control_chars_removed": counters["control_chars_removed"],
         "text_cap": lengths.text, "target_cap": lengths.target, "cutoff_len": lengths.cutoff,
         "shards": len(shards), "seconds": round(seconds, 3), "records_per_s": round(seen / max(seconds, 1e-9), 1),
         "out": str(out),

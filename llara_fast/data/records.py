@@ -44,7 +44,23 @@ def input_files(path: Path, fmt: str) -> list[Path]:
         if not files:
             raise PrepareError(f"{path}: no {'/'.join(suffixes)} files for format {fmt}")
         return files
+    if path.exists():
+        raise PrepareError(f"{path}: not a regular file or directory (a FIFO, socket or device)")
     raise PrepareError(f"{path}: no such file or directory")
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _lines(fp: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a file, a leading UTF-8 byte-order mark dropped; an unreadable file
+    is one PrepareError naming it."""
+    try:
+        with open(fp, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                yield lineno, raw.removeprefix(BOM) if lineno == 1 else raw
+    except OSError as e:
+        raise PrepareError(f"{fp}: cannot read it ({e.strerror or e})") from None
 
 
 def iter_records(path: Path | None, fmt: str, counters: Counter) -> Iterator[Record]:
@@ -60,25 +76,23 @@ def iter_records(path: Path | None, fmt: str, counters: Counter) -> Iterator[Rec
         if fp.suffix == ".txt":
             yield from _iter_txt(fp)
             continue
-        with open(fp, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    counters["blank_lines"] += 1
-                    continue
-                yield Record(f"{fp}:{lineno}", raw, "json")
+        for lineno, raw in _lines(fp):
+            if not raw.strip():
+                counters["blank_lines"] += 1
+                continue
+            yield Record(f"{fp}:{lineno}", raw, "json")
 
 
 def _iter_txt(fp: Path) -> Iterator[Record]:
     buf, first = [], 0
-    with open(fp, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                if not buf:
-                    first = lineno
-                buf.append(raw)
-            elif buf:
-                yield Record(f"{fp}:{first}", b"".join(buf), "txt")
-                buf = []
+    for lineno, raw in _lines(fp):
+        if raw.strip():
+            if not buf:
+                first = lineno
+            buf.append(raw)
+        elif buf:
+            yield Record(f"{fp}:{first}", b"".join(buf), "txt")
+            buf = []
     if buf:
         yield Record(f"{fp}:{first}", b"".join(buf), "txt")
 

@@ -36,6 +36,16 @@ def remove_stopwords(text: str) -> str:
     return " ".join(w for w in _NON_WORD.sub(" ", text).split() if w.lower() not in STOPWORDS)
 
 
+# Control characters (Unicode Cc: NUL, C0 and C1 codes, DEL) other than tab, newline and carriage return,
+# and a byte-order mark anywhere: never text; removed by one rule from every record's text fields.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")
+
+
+def remove_control_chars(text: str) -> tuple[str, int]:
+    """(text without control characters and byte-order marks, how many were removed)."""
+    return _CONTROL.subn("", text)
+
+
 _SENT_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+|\n\s*\n")
 
 

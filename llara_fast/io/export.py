@@ -35,11 +35,12 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import GenerationConfig
 
+from llara_fast.data.shards import tokenizer_fingerprint
 from llara_fast.errors import UserError
 from llara_fast.io.checkpoint import is_training_checkpoint, materialise, meta_model
 from llara_fast.io.hf import resolve_source, save_hf_dir
 from llara_fast.io.load import META_FILE, load
-from llara_fast.templates import PromptConfig, Template
+from llara_fast.templates import SPECIAL_TOKENS, PromptConfig, Template
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -101,7 +102,8 @@ def export(model, tokenizer, out_dir: str | os.PathLike, prompts: PromptConfig =
     gen.save_pretrained(str(tmp))
     meta = {"prompts": dataclasses.asdict(prompts), "source": source, "dtype": str(dtype).replace("torch.", ""),
             "prefix_ids": list(template.prefix_ids), "sum_ids": list(template.sum_ids),
-            "pred_ids": list(template.pred_ids)}
+            "pred_ids": list(template.pred_ids), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "special_ids": tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)}
     with open(tmp / META_FILE, "w") as f:
         json.dump(meta, f, indent=2)
     (tmp / "README.md").write_text(model_card(tokenizer, template, prompts, source, dtype))

@@ -14,11 +14,12 @@ from pathlib import Path
 import tomllib
 
 from llara_fast.config import PRESETS, ModelArgs
+from llara_fast.data.shards import tokenizer_fingerprint
 from llara_fast.errors import UserError
-from llara_fast.io.checkpoint import COMPLETE, is_training_checkpoint, read_model
+from llara_fast.io.checkpoint import COMPLETE, is_training_checkpoint, manifest, read_model
 from llara_fast.io.hf import add_special_tokens, grow_embeddings, load_hf_model, load_tokenizer, resolve_source
 from llara_fast.model import Transformer
-from llara_fast.templates import PromptConfig
+from llara_fast.templates import SPECIAL_TOKENS, PromptConfig, Template
 
 META_FILE = "llara_fast.json"  # written by llara_fast.io.export next to the HF files
 
@@ -54,7 +55,25 @@ def load(spec: str, attn_backend: str = "auto", *, tokenizer: str | None = None,
     if src is None or need > model.args.vocab_size:  # a random model's table is sized to its tokenizer
         grow_embeddings(model, need)
     prompts = (read_prompts(spec) if Path(spec).is_dir() else None) or PromptConfig()
+    if Path(spec).is_dir():
+        check_export_tokenizer(Path(spec), tok, prompts)
     return model, tok, prompts
+
+
+def check_export_tokenizer(path: Path, tok, prompts: PromptConfig) -> None:
+    """Refuse a tokenizer that is not the one an llara_fast export recorded (its fingerprint, the ids
+    of <s1>..<s16> and of the prompt pieces): swapped tokenizer files would encode silently wrong."""
+    fp = path / META_FILE
+    if not fp.is_file():
+        return
+    meta = json.loads(fp.read_text())
+    tpl = Template.from_tokenizer(tok, prompts)
+    got = {"tokenizer_fingerprint": tokenizer_fingerprint(tok), "special_ids": tok.convert_tokens_to_ids(SPECIAL_TOKENS),
+           "prefix_ids": list(tpl.prefix_ids), "sum_ids": list(tpl.sum_ids), "pred_ids": list(tpl.pred_ids)}
+    for key, value in got.items():
+        if key in meta and meta[key] != value:
+            raise UserError(f"{path}: the tokenizer's {key} is not the one {META_FILE} records for this model; the "
+                            "tokenizer files do not belong to these weights")
 
 
 def keep_layers(model: Transformer, layers: int) -> Transformer:
@@ -97,6 +116,10 @@ def _load_training_checkpoint(path: Path, attn_backend: str):
     model = read_model(path, cfg.get("lora"), attn_backend)
     model_cfg = cfg.get("model", {})
     tok = checkpoint_tokenizer(model_cfg.get("name", "smollm2-135m"), model_cfg.get("tokenizer", ""))
+    recorded = (manifest(path).get("identity") or {}).get("tokenizer")
+    if recorded is not None and recorded != tokenizer_fingerprint(tok):
+        raise UserError(f"{path}: the run's config.toml names a tokenizer that is not the one this checkpoint was "
+                        "trained with (fingerprints differ)")
     prompts = PromptConfig(**cfg["prompts"]) if "prompts" in cfg else PromptConfig()
     return model, tok, prompts
 

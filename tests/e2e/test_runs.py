@@ -202,3 +202,19 @@ def test_rotation_and_disk_errors_leave_no_false_checkpoint(tmp_path, monkeypatc
         ck.verify_checkpoint(out / "checkpoints" / "step_0000002")  # the previous one, intact
     finally:
         dist.destroy_process_group()
+
+
+def test_finetune_resume_checks_its_data(tmp_path):
+    """Another pairs file with as many records is not the data of the checkpoint."""
+    def pairs(path, word):
+        path.write_text("".join(json.dumps({"query": f"{word} query {i}", "pos": [f"{word} passage {i}"],
+                                            "neg": [f"{word} other {i}", f"{word} more {i}"]}) + "\n"
+                                for i in range(8)))
+        return path
+    a, b = pairs(tmp_path / "a.jsonl", "alpha"), pairs(tmp_path / "b.jsonl", "beta")
+    args = ["--model.name", "debug", "--data.negatives", "2", "--run.export", "false", "--run.out_dir",
+            str(tmp_path / "run")]
+    run_entry(["-m", "llara_fast.finetune"], [*args, "--data.train", str(a), "--run.steps", "2"])
+    p = run_entry(["-m", "llara_fast.finetune"], [*args, "--data.train", str(b), "--run.steps", "3",
+                                                  "--run.resume", "true"], check=False)
+    assert p.returncode == 1 and "the checkpoint's data is" in p.stderr

@@ -184,3 +184,15 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert len(run) == 3 * 4 and run[0].split()[:4] == ["q1", "Q0", run[0].split()[2], "1"]
     assert main(["--model", "debug", "--beir", str(ds), "--split", "dev"]) == 2
     assert "available splits" in capsys.readouterr().err
+
+
+def test_qrels_scores_must_be_integers_and_duplicates_are_counted(tmp_path):
+    from collections import Counter
+
+    from llara_fast.data.beir import read_qrels
+
+    f = tmp_path / "q.tsv"
+    f.write_text("q2\td1\t3\nq1\td1\t0.5\nq1\td2\tinf\nq1\td3\t1.0\nq1\td3\t2\nq1\td4\tnan\nq1\td5\t-1e999\n")
+    counts = Counter()
+    assert read_qrels(f, counts) == {"q1": {"d3": 1}, "q2": {"d1": 3}}  # 1.0 is the integer 1; the first d3 kept
+    assert counts == {"qrels_bad_line": 4, "qrels_duplicate": 1}

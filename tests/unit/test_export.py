@@ -181,3 +181,25 @@ def test_card_recipe_roundtrip_smollm2(tmp_path, smollm2):
     exec(compile(code, "README.md", "exec"), ns)
     got = ns["encode"](TEXTS, ns["PASSAGE_SUFFIX"], hf, hf_tok)
     assert (got - enc.encode_passages(TEXTS)).abs().max().item() <= 1e-5
+
+
+def test_swapped_tokenizer_is_refused(tmp_path):
+    """An export whose tokenizer files were replaced by another tokenizer's (with the 16 tokens too):
+    encode / evaluate / export load it through load(), which refuses it."""
+    from llara_fast.data.sources import sentencepiece_model_path
+    from llara_fast.errors import UserError
+    from llara_fast.io.hf import add_special_tokens
+
+    model, tok, _ = load("debug", attn_backend="sdpa")
+    out = export(model, tok, tmp_path / "exp")
+    load(str(out), attn_backend="sdpa")  # intact: loads
+    other = load_tokenizer(sentencepiece_model_path())
+    add_special_tokens(other)
+    for f in out.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    other.save_pretrained(str(out))
+    with pytest.raises(UserError, match="tokenizer_fingerprint is not the one llara_fast.json records"):
+        load(str(out), attn_backend="sdpa")
+    with pytest.raises(UserError, match="do not belong to these weights"):
+        Encoder.from_pretrained(str(out), attn_backend="sdpa", device="cpu")

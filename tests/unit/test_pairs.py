@@ -37,6 +37,7 @@ BAD_AND_GOOD = [
     '{"query": "q3", "pos": ["p3"], "neg": ["", "n3", "\\t"]}',  # 16 kept, 2 dropped
     b'{"query": "\xff", "pos": ["p"]}',                         # 17 invalid_utf8
     '{"query": "q4", "pos": ["p4"], "neg": null}',              # 18 kept
+    '{"query": "q5", "pos": ["p\\ud800"]}',                      # 19 invalid_utf8: a lone surrogate
 ]
 
 
@@ -47,15 +48,15 @@ def test_read_pairs_counts_every_reason(tmp_path):
         pairs = read_pairs(path, counts)
     assert pairs == [Pair("q1", ["p1"], ["n1"]), Pair("q2", ["p2"], []), Pair("q3", ["p3"], ["n3"]),
                      Pair("q4", ["p4"], [])]
-    assert counts == Counter(read=16, kept=4, blank_line=2, invalid_json=1, not_an_object=1, missing_query=2,
-                             empty_query=1, bad_type=3, missing_pos=1, no_positive=2, invalid_utf8=1,
+    assert counts == Counter(read=17, kept=4, blank_line=2, invalid_json=1, not_an_object=1, missing_query=2,
+                             empty_query=1, bad_type=3, missing_pos=1, no_positive=2, invalid_utf8=2,
                              dropped_empty_text=3)
     messages = [str(w.message) for w in caught]
     # the first five bad records one by one (file:line and reason), then one line for the rest
     assert messages[:5] == [f"{path}:4: invalid_json (record skipped)", f"{path}:5: not_an_object (record skipped)",
                             f"{path}:6: missing_query (record skipped)", f"{path}:7: missing_query (record skipped)",
                             f"{path}:8: empty_query (record skipped)"]
-    assert messages[5:] == [f"{path}: 7 more bad records skipped"]
+    assert messages[5:] == [f"{path}: 8 more bad records skipped"]
 
 
 def test_read_pairs_crlf_and_bom(tmp_path):

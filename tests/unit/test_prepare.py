@@ -212,3 +212,36 @@ def test_wiki_sample_path_override(tmp_path, monkeypatch):
     monkeypatch.setenv("LLARA_FAST_WIKI_SAMPLE", str(tmp_path / "missing.json"))
     with pytest.raises(FileNotFoundError, match="missing.json: no such file"):
         wiki_sample_path()
+
+
+def test_bom_control_chars_and_unreadable_inputs(tmp_path, smol, monkeypatch):
+    """A leading UTF-8 BOM is dropped in every format; NUL and other control characters are removed
+    from the text by one rule and counted; a FIFO or an unreadable file is one clear error."""
+    import os
+
+    from llara_fast.data import records
+
+    tok, _ = smol
+    row = {"input": "Nul\x00 and\x07 bell.", "output_summarize": "a\x1fb", "output_predict": "c"}
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(row).encode() + b"\n")
+    s = run(tmp_path, p, name="j")
+    assert s["skipped"] == {} and s["control_chars_removed"] == 1
+    e = ShardedDataset(tmp_path / "j").example(0)
+    assert tok.decode(e.text_ids) == "Nul and bell."
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_bytes(b"\xef\xbb\xbfFirst doc\x00 here.\n\nSecond one.\n")
+    s = run(tmp_path, tmp_path / "in", fmt="text", name="t")
+    ds = ShardedDataset(tmp_path / "t")
+    assert [tok.decode(ds.example(i).text_ids) for i in range(len(ds))] == ["First doc here.", "Second one."]
+    assert s["control_chars_removed"] == 1
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(P.PrepareError, match="not a regular file or directory"):
+        run(tmp_path, fifo, name="f")
+
+    def unreadable(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(records, "open", unreadable, raising=False)
+    with pytest.raises(P.PrepareError, match=r"bom\.jsonl: cannot read it \(Permission denied\)"):
+        run(tmp_path, p, name="u")
