@@ -135,7 +135,7 @@ class RunLock:
         os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode())
 
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints")
+RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints", "export")
 
 
 def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
