@@ -310,8 +310,8 @@ class Trainer:
                 for hook in Trainer.hooks:
                     hook(self, step, batches, stats)
                 if signum:
-                    raise Preempted(f"stopped by {signal.Signals(signum).name} after step {step}; the checkpoint "
-                                    f"{latest_checkpoint(self.out)} holds it: rerun with --run.resume true")
+                    raise Preempted(f"stopped by {signal.Signals(signum).name} after step {step}; the newest "
+                                    f"checkpoint is {latest_checkpoint(self.out)}: rerun with --run.resume true")
         except torch.cuda.OutOfMemoryError as e:
             raise UserError(f"out of GPU memory ({str(e).splitlines()[0]}). {oom_hint}") from None
         finally:
