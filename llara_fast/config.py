@@ -15,6 +15,14 @@ from llara_fast.errors import InputNotFound, UserError
 
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 
+# The LLaMA-layout families the hand-written model runs: HF model_type -> (architecture, what differs).
+FAMILIES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",   # the LLaMA layout; sliding-window attention (sequences beyond it refused)
+    "qwen2": "Qwen2ForCausalLM",       # biases on q, k, v
+    "qwen3": "Qwen3ForCausalLM",       # RMSNorm on each head's q and k before RoPE; head_dim not dim / heads
+}
+
 
 @dataclass
 class ModelArgs:
@@ -32,6 +40,10 @@ class ModelArgs:
     rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    family: str = "llama"            # an HF model_type of FAMILIES
+    qkv_bias: bool = False           # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False            # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # Mistral's attention window (None: full attention)
     # Where the weights of a preset come from ("smollm2-gguf", or None: random init).
     weights: str | None = None
 
@@ -44,6 +56,8 @@ class ModelArgs:
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.family not in FAMILIES:
+            raise UserError(f"model family {self.family!r} is not supported; supported: {', '.join(FAMILIES)}")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -54,7 +68,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict | str | os.PathLike, **overrides) -> "ModelArgs":
-        """Build from an HF LLaMA config.json (a dict, the file, or its directory)."""
+        """Build from an HF config.json (a dict, the file, or its directory) of a family of FAMILIES."""
         path = None
         if not isinstance(cfg, dict):
             path = str(cfg)
@@ -67,15 +81,18 @@ class ModelArgs:
         where = path or "config"
         model_type = cfg.get("model_type")
         archs = cfg.get("architectures") or []
-        if model_type != "llama" and not any(a.startswith("Llama") for a in archs):
-            raise UserError(
-                f"{where}: model_type={model_type!r}, architectures={archs}; expected a LLaMA-architecture "
-                "model (model_type 'llama', LlamaForCausalLM)")
+        if model_type is None and any(a.startswith("Llama") for a in archs):
+            model_type = "llama"
+        if model_type not in FAMILIES:
+            raise UserError(f"{where}: model_type {model_type!r} (architectures {archs}) is not supported; supported: "
+                            + ", ".join(f"{t} ({a})" for t, a in FAMILIES.items()))
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
             if k not in cfg:
                 raise UserError(f"{where}: missing field {k!r}")
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise UserError(f"{where}: attention_bias/mlp_bias are not supported (LLaMA has no biases)")
+        if cfg.get("mlp_bias") or cfg.get("attention_bias"):
+            raise UserError(f"{where}: attention_bias/mlp_bias are not supported ({model_type})")
+        if model_type == "qwen2" and cfg.get("use_sliding_window"):
+            raise UserError(f"{where}: Qwen2 with use_sliding_window is not supported")
         scaling = cfg.get("rope_scaling") or None
         rope_theta = cfg.get("rope_theta")
         rp = cfg.get("rope_parameters")  # transformers >= 5 nests these
@@ -102,13 +119,17 @@ class ModelArgs:
             rope_scaling=dict(scaling) if scaling else None,
             max_seq_len=cfg.get("max_position_embeddings", 4096),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            family=model_type,
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
+            sliding_window=cfg.get("sliding_window") if model_type == "mistral" else None,
         )
         return dataclasses.replace(args, **overrides)
 
     def to_hf_config(self) -> dict:
         cfg = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [FAMILIES[self.family]],
+            "model_type": self.family,
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
@@ -121,9 +142,15 @@ class ModelArgs:
             "max_position_embeddings": self.max_seq_len,
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
         }
+        if self.family in ("llama", "qwen3"):
+            cfg.update(attention_bias=False)
+        if self.family == "llama":
+            cfg.update(mlp_bias=False)
+        if self.family == "mistral":
+            cfg["sliding_window"] = self.sliding_window
+        if self.family == "qwen2":
+            cfg["use_sliding_window"] = False
         if self.rope_scaling:
             cfg["rope_scaling"] = dict(self.rope_scaling)
         return cfg
@@ -134,6 +161,7 @@ class ModelArgs:
         (their FLOPs are counted separately, where the head is actually applied)."""
         d, hd = self.dim, self.head_dim
         attn = d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + self.n_heads * hd * d
+        attn += (self.n_heads + 2 * self.n_kv_heads) * hd * self.qkv_bias + 2 * hd * self.qk_norm
         mlp = 3 * d * self.ffn_hidden
         per_layer = attn + mlp + 2 * d
         n = self.n_layers * per_layer + d  # + final norm
@@ -183,6 +211,15 @@ PRESETS: dict[str, ModelArgs] = {
                            ffn_hidden=11008, rope_theta=10000.0, max_seq_len=4096),
     "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
                            ffn_hidden=14336, rope_theta=500000.0, max_seq_len=8192),
+    # Shapes of common bases of LLM embedders (random init; --model.tokenizer picks a tokenizer).
+    "mistral-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32768, ffn_hidden=14336,
+                            rope_theta=1000000.0, max_seq_len=32768, family="mistral", sliding_window=None),
+    "qwen2.5-1.5b": ModelArgs(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, vocab_size=151936, ffn_hidden=8960,
+                              norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, tie_embeddings=True,
+                              family="qwen2", qkv_bias=True),
+    "qwen3-0.6b": ModelArgs(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, vocab_size=151936,
+                            ffn_hidden=3072, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960,
+                            tie_embeddings=True, family="qwen3", qk_norm=True),
 }
 
 

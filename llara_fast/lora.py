@@ -49,7 +49,7 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.weight)  # (N, out)
+        base = F.linear(x, self.weight, self.bias)  # (N, out)
         low = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (N, r) -> (N, out)
         return base + self.scaling * low
 
@@ -98,6 +98,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                     lora = LoRALinear(child.in_features, child.out_features, rank, alpha, dropout,
                                       device=w.device, dtype=w.dtype)
                     lora.weight = w  # the same frozen Parameter, same state-dict key
+                    lora.bias = child.bias  # Qwen2's q/k/v biases stay, frozen (None elsewhere)
                     setattr(parent, name, lora)
                     swapped += 1
     if swapped == 0:
@@ -116,6 +117,7 @@ def merge_lora(model: nn.Module) -> int:
                 lin = nn.Linear(child.in_features, child.out_features, bias=False,
                                 device=child.weight.device, dtype=child.weight.dtype)
                 lin.weight = nn.Parameter(child.merged_weight())
+                lin.bias = child.bias
                 setattr(module, name, lin)
                 merged += 1
     for p in model.parameters():

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from llara_fast.attention import AttnMeta, build_meta, packed_attention, resolve_backend
 from llara_fast.batch import PackedBatch
 from llara_fast.config import ModelArgs
+from llara_fast.errors import UserError
 
 
 # ---- RoPE ----------------------------------------------------------------------------------
@@ -71,16 +72,21 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # Qwen3: RMSNorm over each head's q and k (before RoPE)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         N = x.shape[0]
         q = self.wq(x).view(N, self.n_heads, self.head_dim)  # (N, H, D)
         k = self.wk(x).view(N, self.n_kv_heads, self.head_dim)  # (N, KV, D)
         v = self.wv(x).view(N, self.n_kv_heads, self.head_dim)  # (N, KV, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # (N, H, D), (N, KV, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = packed_attention(q, k, v, meta)  # (N, H, D)
         return self.wo(o.reshape(N, self.n_heads * self.head_dim))  # (N, d)
@@ -138,6 +144,10 @@ class Transformer(nn.Module):
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """batch: PackedBatch on this module's device. Returns hidden states (N, d)."""
+        window = self.args.sliding_window
+        if window and batch.max_seqlen_k > window:
+            raise UserError(f"a sequence of {batch.max_seqlen_k} tokens exceeds the model's sliding window of "
+                            f"{window}; the packed attention does not window: lower the text length")
         h = self.tok_embeddings(batch.input_ids)  # (N, d)
         backend = resolve_backend(self.attn_backend, batch.input_ids.device, h.dtype)
         meta = build_meta(batch, backend)

@@ -248,6 +248,8 @@ class Trainer:
             if complete_checkpoints(self.out):
                 raise UserError(f"run.resume: no checkpoint under {self.out / 'checkpoints'} verifies (see above)")
             self.log(f"run.resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
+            if self.rank == 0:
+                truncate_metrics(self.out / "metrics.jsonl", 0)  # rows of steps no checkpoint holds
             return 0
         check_identity(ck, identity)
         start = load_checkpoint(ck, state)["step"]
