@@ -94,12 +94,13 @@ def main(argv=None) -> int:
     want, want_h = metrics(work / "ref"), hashes(work / "h_ref")
     tried = survived = not_interrupted = 0
     kinds = {"SIGKILL": [0, 0], "SIGTERM": [0, 0]}
+    after_step: dict[int, int] = {}  # interrupted tries by the number of steps recorded when the signal landed
     i = 0
     while tried < a.tries and i < 3 * a.tries:  # --tries interrupted runs (a run that ends first is not one)
         i += 1
         out, h = work / f"try{i}", work / f"h{i}"
         sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
-        delay = rng.uniform(0.0, 0.8 * wall)
+        delay = rng.uniform(0.0, 0.6 * wall)  # the end of wall is the final save and the teardown
         proc = start(run_args(out, a.steps, data), h)
         first_step(proc, out)
         time.sleep(delay)
@@ -110,6 +111,11 @@ def main(argv=None) -> int:
         proc.send_signal(sig)
         rc = proc.wait()
         at = len(metrics(out))
+        if rc == 0:  # it ended before the signal was delivered
+            not_interrupted += 1
+            print(f"try {i}: ended before the {sig.name}; not counted", flush=True)
+            continue
+        after_step[at] = after_step.get(at, 0) + 1
         for _ in range(3):  # resume until the run completes
             r = start(run_args(out, a.steps, data) + ["--run.resume", "true"], h)
             if r.wait() == 0:
@@ -124,6 +130,7 @@ def main(argv=None) -> int:
         shutil.rmtree(out, ignore_errors=True)
     summary = {"bench": "fault_campaign", "tries": tried, "survived": survived, "not_interrupted": not_interrupted,
                "by_signal": {k: {"tried": v[0], "survived": v[1]} for k, v in kinds.items()},
+               "by_steps_done": dict(sorted(after_step.items())),
                "steps": a.steps, "reference_training_s": round(wall, 1), "seed": a.seed,
                "command": "python benchmarks/fault_campaign.py " + " ".join(argv or sys.argv[1:])}
     print(json.dumps(summary))

@@ -12,4 +12,4 @@ def test_short_fault_campaign_survives(tmp_path):
     run_entry([str(ROOT / "benchmarks" / "fault_campaign.py")], ["--tries", "2", "--steps", "4", "--seed", "3",
                                                                     "--out", str(out)], timeout=600)
     s = json.loads(out.read_text())
-    assert s["survived"] == s["tries"] and s["tries"] + s["not_interrupted"] == 2
+    assert s["survived"] == s["tries"] == 2  # two interrupted runs, each resumed to the reference
