@@ -96,7 +96,8 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     p = _run([*COMMON, "--data.train", str(data), "--run.steps", "1", "--run.out_dir", str(tmp_path / "s")],
              check=False)
     assert p.returncode == 1 and f"{data}:2" in p.stderr, p.stderr[-2000:]
-    p = _run([*COMMON, "--data.train", str(data), "--data.beir", str(tmp_path), "--run.steps", "1"], check=False)
+    p = _run([*COMMON, "--data.train", str(data), "--data.beir", str(tmp_path), "--run.steps", "1", "--run.out_dir",
+              str(tmp_path / "t")], check=False)
     assert p.returncode == 2 and "not both" in p.stderr
 
 

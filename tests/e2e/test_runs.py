@@ -168,7 +168,11 @@ def test_rotation_and_disk_errors_leave_no_false_checkpoint(tmp_path, monkeypatc
         def state_dict(self):
             return {"pos": 1}
 
-    monkeypatch.setenv("MASTER_PORT", str(29000 + os.getpid() % 1000))
+    # a 1-process group in this process; the variables go back when the test ends (later tests'
+    # subprocesses inherit the environment)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(29000 + os.getpid() % 1000)}.items():
+        monkeypatch.setenv(k, v)
     init_distributed("cpu")
     try:
         module = torch.nn.Linear(4, 4)

@@ -67,9 +67,9 @@ def test_loading_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 48}))
     with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight has shape .* implies"):
         load_hf_model(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral",
-                                                      "architectures": ["MistralForCausalLM"]}))
-    with pytest.raises(ValueError, match="LLaMA-architecture"):
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2",
+                                                      "architectures": ["Gemma2ForCausalLM"]}))
+    with pytest.raises(ValueError, match="model_type 'gemma2' .* is not supported"):
         load_hf_model(tmp_path)
 
 
