@@ -81,9 +81,9 @@ class ShardWriter:
         for k, flat, lens in (("text", text, text_lens), ("sum", sum_ids, sum_lens), ("pred", pred_ids, pred_lens)):
             flat = np.asarray(flat)
             if flat.size and (flat.min() < 0 or flat.max() > info.max):
-                raise UserError(f"token id out of range for {self.dtype}")
+                raise ValueError(f"token id out of range for {self.dtype}")  # a bug of the caller
             if int(np.sum(lens)) != flat.size:
-                raise UserError(f"{k}: lengths do not add up to the flat array")
+                raise ValueError(f"{k}: lengths do not add up to the flat array")
             self._files[k].write(flat.astype(self.dtype, copy=False).tobytes())
             self._lens[k].append(np.asarray(lens, dtype=np.int64))
         if sum(len(x) for x in self._lens["text"]) >= self.shard_examples:
