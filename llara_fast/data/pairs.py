@@ -44,6 +44,7 @@ import numpy as np
 from llara_fast.config import opt
 from llara_fast.data.beir import load_beir
 from llara_fast.data.sources import iter_wiki_sample
+from llara_fast.data.text import is_utf8
 from llara_fast.errors import ConfigError, InputNotFound, UserError
 
 try:
@@ -97,17 +98,9 @@ def parse_pair(rec) -> tuple[Pair | None, str]:
     neg = [] if neg is None else neg
     if not _is_str_list(neg):
         return None, "bad_type"
-    if not all(_encodable(t) for t in [query, *pos, *neg]):
+    if not all(is_utf8(t) for t in [query, *pos, *neg]):
         return None, "invalid_utf8"  # a lone surrogate from a JSON escape ("\ud800"): no tokenizer takes it
     return Pair(query, _non_blank(pos), _non_blank(neg)), ""
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _decode(raw: bytes) -> tuple[object, str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from llara_fast.data.sources import wiki_sample_path
+from llara_fast.data.text import is_utf8
 from llara_fast.errors import UserError
 
 BAD_REASONS = ("invalid_utf8", "invalid_json", "missing_field", "empty_text", "tokenizer_error")
@@ -117,10 +118,7 @@ def decode_record(rec: Record, fmt: str):
     if not isinstance(obj, dict) or any(not isinstance(obj.get(k), str) for k in names):
         return None, "missing_field"
     vals = tuple(obj[k] for k in names)
-    try:  # JSON escapes can smuggle in lone surrogates, which are not UTF-8
-        for v in vals:
-            v.encode("utf-8")
-    except UnicodeEncodeError:
+    if not all(is_utf8(v) for v in vals):
         return None, "invalid_utf8"
     return vals, None
 

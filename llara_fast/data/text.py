@@ -41,6 +41,15 @@ def remove_stopwords(text: str) -> str:
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")
 
 
+def is_utf8(text: str) -> bool:
+    """False for a str UTF-8 cannot hold: lone surrogates, which JSON escapes ("\\ud800") can carry."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def remove_control_chars(text: str) -> tuple[str, int]:
     """(text without control characters and byte-order marks, how many were removed)."""
     return _CONTROL.subn("", text)

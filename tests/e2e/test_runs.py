@@ -222,3 +222,20 @@ def test_finetune_resume_checks_its_data(tmp_path):
     p = run_entry(["-m", "llara_fast.finetune"], [*args, "--data.train", str(b), "--run.steps", "3",
                                                   "--run.resume", "true"], check=False)
     assert p.returncode == 1 and "the checkpoint's data is" in p.stderr
+
+
+def test_checkpoint_of_before_the_manifests_still_resumes_and_exports(tmp_path):
+    """A COMPLETE marker as the trainer wrote it before the manifests ({"step", "world_size"} only):
+    the checkpoint resumes (unverified: nothing to verify against) and exports."""
+    from llara_fast.io.load import load
+
+    run = tmp_path / "run"
+    args = [*COMMON, "--run.out_dir", str(run)]
+    _run([*args, "--run.steps", "2"])
+    ck = run / "checkpoints" / "step_0000002"
+    (ck / "COMPLETE").write_text(json.dumps({"step": 2, "world_size": 1}))
+    model, tok, _ = load(str(ck), attn_backend="sdpa")
+    assert model.args.n_layers == 2 and len(tok) == 49168
+    p = _run([*args, "--run.steps", "3", "--run.resume", "true"])
+    assert "resumed from" in p.stdout and "(step 2)" in p.stdout
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3]
