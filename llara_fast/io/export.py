@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.metadata
 import json
 import os
 import re
@@ -42,6 +43,7 @@ from llara_fast.io.hf import resolve_source, save_hf_dir
 from llara_fast.io.load import META_FILE, load
 from llara_fast.templates import SPECIAL_TOKENS, PromptConfig, Template
 
+ST_MODULE_FILE = Path(__file__).with_name("st_module.py")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -106,11 +108,45 @@ def export(model, tokenizer, out_dir: str | os.PathLike, prompts: PromptConfig =
             "special_ids": tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)}
     with open(tmp / META_FILE, "w") as f:
         json.dump(meta, f, indent=2)
+    write_sentence_transformers(tmp, template, prompts)
     (tmp / "README.md").write_text(model_card(tokenizer, template, prompts, source, dtype))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def write_sentence_transformers(out: Path, template: Template, prompts: PromptConfig, max_len: int = 512) -> None:
+    """Make ``out`` a sentence-transformers directory too: modules.json, its configs and the
+    module file ``llara_st.py`` (a copy of llara_fast/io/st_module.py, which needs no llara_fast)."""
+    shutil.copyfile(ST_MODULE_FILE, out / "llara_st.py")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "llara_st.LlaraTransformer"},
+               {"idx": 1, "name": "1", "path": "1_LlaraPooling", "type": "llara_st.LlaraPooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.base.modules.Normalize"}]
+    backbone = {"max_length": max_len, "prefix_ids": list(template.prefix_ids),
+                "suffix_ids": {"query": list(template.pred_ids), "document": list(template.sum_ids)},
+                "special_positions": {"query": list(template.pred_special_offsets),
+                                      "document": list(template.sum_special_offsets)},
+                "prompts": {"prefix": prompts.prefix, "query": prompts.pred_string(),
+                            "document": prompts.sum_string()}}
+    versions = {name: _version(name) for name in ("sentence_transformers", "transformers", "torch")}
+    st_config = {"model_type": "SentenceTransformer", "__version__": {k: v for k, v in versions.items() if v},
+                 "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "dot"}
+    files = {"modules.json": modules, "config_sentence_transformers.json": st_config,
+             "llara_sentence_transformers.json": backbone,
+             "1_LlaraPooling/config.json": {"n_special": template.n_special},
+             "2_Normalize/config.json": {"module_input_name": "sentence_embedding",
+                                         "module_output_name": "sentence_embedding"}}
+    for name, obj in files.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _version(dist_name: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist_name.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def model_card(tokenizer, template: Template, prompts: PromptConfig, source: str | None,
@@ -135,6 +171,7 @@ tags:
 - llara
 - dense-retrieval
 - sentence-similarity
+- sentence-transformers
 ---
 
 # LLaRA encoder exported by llara_fast
@@ -142,7 +179,8 @@ tags:
 A LLaMA-architecture model adapted into a dense retriever with LLaRA (EBAE + EBAR,
 arXiv 2312.15503), exported by `python -m llara_fast.export`{f" from `{source}`" if source else ""}
 (weights stored as {str(dtype).replace("torch.", "")}). It loads with plain `transformers`
-(`AutoModel`, `AutoModelForCausalLM`, `AutoTokenizer`), no custom code. The tokenizer holds the
+(`AutoModel`, `AutoModelForCausalLM`, `AutoTokenizer`), no custom code, and with
+`sentence-transformers` (below). The tokenizer holds the
 16 LLaRA tokens `<s1>`..`<s16>` (ids {tokenizer.convert_tokens_to_ids("<s1>")}..{tokenizer.convert_tokens_to_ids("<s16>")})
 and pads on the left.
 
@@ -191,6 +229,23 @@ q = encode(["What is a llama?"], QUERY_SUFFIX, model, tokenizer)
 p = encode(["The llama is a domesticated South American camelid."], PASSAGE_SUFFIX, model, tokenizer)
 print(q @ p.T)
 ```
+
+The same embeddings from sentence-transformers (its module file `llara_st.py` builds the
+sequences above from the token ids in `llara_sentence_transformers.json`, so it needs
+`trust_remote_code=True`; read it first, it is short):
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("THIS_DIR", trust_remote_code=True)
+q = model.encode_query(["What is a llama?"])  # the query prompt
+p = model.encode_document(["The llama is a domesticated South American camelid."])  # the passage prompt
+print(model.similarity(q, p))  # inner product of unit vectors
+```
+
+`model.encode(...)` without a task encodes as a passage. A `prompt=` is prepended to the text
+inside the template; `model.max_seq_length` is the text cap (512 tokens), the prompt pieces
+come on top.
 
 The same embeddings from llara_fast (packed, unpadded):
 

@@ -159,13 +159,20 @@ def test_export_training_checkpoint(tmp_path):
     torch.testing.assert_close(enc.encode_queries(QUERIES), from_export.encode_queries(QUERIES), rtol=0, atol=0)
 
 
-def test_card_recipe_roundtrip_smollm2(tmp_path, smollm2):
+@pytest.fixture(scope="module")
+def smollm2_export(smollm2, tmp_path_factory):
+    """The fp32 export of the real SmolLM2 weights (with the 16 tokens), written once."""
+    model, tok, _ = smollm2
+    return export(model, tok, tmp_path_factory.mktemp("smollm2") / "exp", opts=ExportOptions(source="smollm2-135m"))
+
+
+def test_card_recipe_roundtrip_smollm2(smollm2_export, smollm2):
     """The acceptance check: plain transformers on the export, with the card's recipe, gives
     llara_fast's embeddings (fp32, max abs <= 1e-5), for passages and queries, in padded batches."""
     from transformers import AutoModel, AutoTokenizer
 
     model, tok, _ = smollm2
-    out = export(model, tok, tmp_path / "exp", opts=ExportOptions(source="smollm2-135m"))
+    out = smollm2_export
     hf = AutoModel.from_pretrained(out, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
     enc = Encoder(model, tok, device="cpu")
@@ -181,6 +188,61 @@ def test_card_recipe_roundtrip_smollm2(tmp_path, smollm2):
     exec(compile(code, "README.md", "exec"), ns)
     got = ns["encode"](TEXTS, ns["PASSAGE_SUFFIX"], hf, hf_tok)
     assert (got - enc.encode_passages(TEXTS)).abs().max().item() <= 1e-5
+
+
+def test_sentence_transformers_smollm2(smollm2_export, smollm2):
+    """The export loads in sentence-transformers (trust_remote_code for its module file) and
+    encode_query / encode_document / encode give llara_fast's embeddings, fp32, max abs <= 1e-5."""
+    from sentence_transformers import SentenceTransformer
+
+    model, tok, _ = smollm2
+    st = SentenceTransformer(str(smollm2_export), trust_remote_code=True, device="cpu")
+    enc = Encoder(model, tok, device="cpu")
+    for kind, texts, fn in (("query", QUERIES, st.encode_query), ("passage", TEXTS, st.encode_document),
+                            ("passage", TEXTS, st.encode)):
+        got = torch.as_tensor(fn(texts, batch_size=2, convert_to_tensor=True))
+        assert got.dtype == torch.float32 and got.shape == (len(texts), model.args.dim)
+        assert (got - enc.encode(texts, kind)).abs().max().item() <= 1e-5, kind
+    assert st.similarity_fn_name == "dot" and st.get_embedding_dimension() == model.args.dim
+    card = (smollm2_export / "README.md").read_text()
+    assert "SentenceTransformer(" in card and "trust_remote_code=True" in card
+
+
+def test_sentence_transformers_layout(tmp_path):
+    """The directory is one sentence-transformers model: its module file needs no llara_fast, its
+    configs hold llara_fast's prompt ids, a bf16 export encodes in fp32, re-saving with
+    sentence-transformers keeps the embeddings, and the text cap follows max_seq_length."""
+    import ast
+
+    from sentence_transformers import SentenceTransformer
+
+    model, tok, _ = load("debug", attn_backend="sdpa")
+    out = export(model, tok, tmp_path / "exp")
+    modules = json.loads((out / "modules.json").read_text())
+    assert [m["type"] for m in modules] == ["llara_st.LlaraTransformer", "llara_st.LlaraPooling",
+                                            "sentence_transformers.base.modules.Normalize"]
+    tree = ast.parse((out / "llara_st.py").read_text())
+    imported = {n.module.split(".")[0] if isinstance(n, ast.ImportFrom) else a.name.split(".")[0]
+                for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    assert imported <= {"__future__", "os", "typing", "torch", "transformers", "sentence_transformers"}, imported
+    meta = json.loads((out / "llara_fast.json").read_text())
+    cfg = json.loads((out / "llara_sentence_transformers.json").read_text())
+    assert cfg["prefix_ids"] == meta["prefix_ids"] and cfg["suffix_ids"] == {"query": meta["pred_ids"],
+                                                                             "document": meta["sum_ids"]}
+    st = SentenceTransformer(str(out), trust_remote_code=True, device="cpu")
+    enc = Encoder(model, tok, device="cpu")
+    want_q, want_p = enc.encode_queries(QUERIES), enc.encode_passages(TEXTS)
+    assert (st.encode_query(QUERIES, convert_to_tensor=True) - want_q).abs().max().item() <= 1e-6
+    st.save(str(tmp_path / "resaved"))
+    again = SentenceTransformer(str(tmp_path / "resaved"), trust_remote_code=True, device="cpu")
+    assert (again.encode_document(TEXTS, convert_to_tensor=True) - want_p).abs().max().item() <= 1e-6
+    st.max_seq_length = 5
+    short = Encoder(model, tok, device="cpu", max_len=5).encode_passages(TEXTS)
+    assert (st.encode_document(TEXTS, convert_to_tensor=True) - short).abs().max().item() <= 1e-6
+    assert main(["--checkpoint", str(out), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    half = SentenceTransformer(str(tmp_path / "bf16"), trust_remote_code=True, device="cpu")
+    got = half.encode_query(QUERIES, convert_to_tensor=True)
+    assert got.dtype == torch.float32 and (got - want_q).abs().max().item() < 0.1  # bf16 weights, fp32 pooling
 
 
 def test_swapped_tokenizer_is_refused(tmp_path):
