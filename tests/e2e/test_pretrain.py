@@ -144,3 +144,38 @@ def test_random_init_preset(tmp_path):
         assert first[part] == pytest.approx(math.log(49168), abs=0.3), part
     model, tok, _ = load(str(out / "checkpoints" / "step_0000002"))
     assert model.args.n_layers == 1 and model.args.dim == 576 and len(tok) == 49168
+
+
+def test_two_nodes_match_one_node(tmp_path, data_dir):
+    """The README's multi-node launch: two torchrun agents with --nnodes 2 (c10d rendezvous on
+    loopback, one process each) run exactly the steps of one agent with 2 processes."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    args = [*COMMON, "--data.dir", str(data_dir), "--run.steps", "4", "--run.ckpt_every", "2"]
+    _run([*args, "--run.out_dir", str(tmp_path / "one")], nproc=2, hooks=("--hash-dir", str(tmp_path / "h1")))
+    endpoint = f"127.0.0.1:{free_port()}"
+    # torchrun gives each process one thread when it starts several per node; the same here, so
+    # that both runs reduce in the same order inside each process.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    agents = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "t2n",
+               *hooked("llara_fast.pretrain", "--hash-dir", str(tmp_path / "h2")), *args,
+               "--run.out_dir", str(tmp_path / "two")]
+        agents.append(subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, env=env))
+    outs = [a.communicate(timeout=300)[0] for a in agents]
+    for node, (a, out) in enumerate(zip(agents, outs)):
+        assert a.returncode == 0, f"node {node}:\n{out[-3000:]}"
+    assert step_hashes(tmp_path / "h1") == step_hashes(tmp_path / "h2")  # the same global batches
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    for x, y in zip(one, two):
+        for k in ("loss", "lm", "ebae", "ebar", "passages", "tokens", "grad_norm"):
+            assert x[k] == y[k], (x["step"], k)  # the same world and reductions: bit for bit
+    assert (tmp_path / "two" / "checkpoints" / "step_0000004" / "COMPLETE").is_file()
