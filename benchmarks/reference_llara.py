@@ -134,29 +134,32 @@ def attention_mask_4d(batch: PaddedBatch) -> torch.Tensor:
 
 def build_hf_model(model, device: torch.device | str = "cpu", attn_implementation: str = "sdpa",
                    dtype: torch.dtype = torch.float32):
-    """transformers' LlamaForCausalLM holding exactly ``model``'s weights (a llara_fast Transformer),
-    in ``dtype`` (fp32; float64 for the tests' exact-algebra runs), in training mode. Built
-    directly on ``device``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """transformers' causal LM of the model's family (LlamaForCausalLM, Mistral-, Qwen2-, Qwen3-)
+    holding exactly ``model``'s weights (a llara_fast Transformer), in ``dtype`` (fp32; float64 for
+    the tests' exact-algebra runs), in training mode. Built directly on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from llara_fast.io.hf import ours_to_hf
 
-    cfg = LlamaConfig(**{k: v for k, v in model.args.to_hf_config().items() if k != "architectures"})
+    hf_cfg = model.args.to_hf_config()
+    cfg = AutoConfig.for_model(hf_cfg["model_type"], **{k: v for k, v in hf_cfg.items()
+                                                         if k not in ("architectures", "model_type")})
     cfg._attn_implementation = attn_implementation
     try:  # skip the random init that the weights below overwrite anyway (transformers >= 5)
         from transformers.initialization import no_init_weights
     except ImportError:
         no_init_weights = contextlib.nullcontext
     with torch.device(device), no_init_weights():
-        ref = LlamaForCausalLM(cfg)
+        ref = AutoModelForCausalLM.from_config(cfg)
     missing, unexpected = ref.load_state_dict(ours_to_hf(model.state_dict()), strict=False)
     if model.args.tie_embeddings:
         ref.tie_weights()
     tied = ["lm_head.weight"] if model.args.tie_embeddings else []
     if sorted(missing) != tied or unexpected:
-        raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"weights do not map onto {type(ref).__name__}: missing {missing}, "
+                           f"unexpected {unexpected}")
     if model.args.tie_embeddings and ref.lm_head.weight.data_ptr() != ref.model.embed_tokens.weight.data_ptr():
-        raise RuntimeError("LlamaForCausalLM did not tie lm_head to embed_tokens")
+        raise RuntimeError(f"{type(ref).__name__} did not tie lm_head to embed_tokens")
     return ref.to(dtype).train()
 
 

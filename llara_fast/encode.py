@@ -11,23 +11,38 @@ training checkpoint (llara_fast.io.load).
 
     python -m llara_fast.encode                       # similarity of Wikipedia passages
     python -m llara_fast.encode --model DIR --text "a passage" --text "another"
+    torchrun --nproc_per_node K -m llara_fast.encode --model M --corpus corpus.jsonl --out DIR
+
+With --corpus (a BEIR corpus.jsonl: {"_id", "title", "text"}, passage = title + " " + text),
+the corpus is streamed and encoded in shards of --shard-size lines, each rank its share
+(shard i -> rank i % K), never more than one shard's texts in memory; DIR is laid out as
+llara_fast.io.embeddings describes. Rerunning the same command encodes only the shards that
+are missing (after a crash or kill); ``llara_fast.evaluate --embeddings DIR`` searches them.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import resource
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from itertools import islice
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from llara_fast.data.beir import REASONS, corpus_doc
 from llara_fast.data.packing import greedy_groups, pack_encode_reference
+from llara_fast.data.shards import tokenizer_fingerprint
 from llara_fast.data.sources import iter_wiki_sample
 from llara_fast.errors import UserError
+from llara_fast.io.embeddings import DTYPES, EmbeddingShards, corpus_identity
 from llara_fast.io.load import load
 from llara_fast.runtime import tune_cpu_malloc
 from llara_fast.templates import PromptConfig, Template
@@ -110,6 +125,95 @@ class Encoder:
         return self.encode(texts, "query", progress)
 
 
+# ---- a corpus, in shards, on any number of ranks ------------------------------------------------
+def model_identity(enc: Encoder) -> dict:
+    """What makes two encoders give the same embeddings: the weights (a hash of each parameter's
+    float64 sum, 8 significant digits, so the same weights hash the same on any device), the
+    tokenizer, the prompts, the text cap and the compute dtype."""
+    h = hashlib.sha256()
+    for name, p in sorted(enc.model.named_parameters()):
+        h.update(f"{name}:{tuple(p.shape)}:{float(p.detach().double().sum()):.8g};".encode())
+    return {"weights": h.hexdigest()[:32], "tokenizer": tokenizer_fingerprint(enc.tokenizer),
+            "prompts": [enc.prompts.prefix, enc.prompts.sum_string()], "max_len": enc.max_len,
+            "compute_dtype": str(enc.dtype).replace("torch.", ""), "dim": enc.model.args.dim}
+
+
+@dataclass(frozen=True)
+class CorpusJob:
+    corpus: str
+    out: str
+    shard_size: int = 10_000
+    dtype: str = "float32"       # of the stored vectors: float32 or float16 (half the disk)
+    overwrite: bool = False
+    progress: bool = True
+
+
+def encode_corpus(enc: Encoder, job: CorpusJob, rank: int = 0, world: int = 1) -> dict:
+    """Encode this rank's shards of the corpus that are not done yet; rank 0 then marks the
+    directory complete (all ranks must call it). Returns this rank's figures."""
+    if job.shard_size < 1:
+        raise UserError(f"shard size must be >= 1, got {job.shard_size}")
+    if job.dtype not in DTYPES:
+        raise UserError(f"unknown embedding dtype {job.dtype!r} ({', '.join(DTYPES)})")
+    ident = corpus_identity(job.corpus)
+    manifest = {"kind": "passage", "model": model_identity(enc), "corpus": {"name": os.path.basename(job.corpus),
+                **ident}, "shard_size": job.shard_size, "dtype": job.dtype, "dim": enc.model.args.dim}
+    store = EmbeddingShards(job.out)
+    if rank == 0:
+        store.start(manifest, job.overwrite)
+    _barrier(world)
+    store.check(manifest)
+    n_shards = -(-ident["lines"] // job.shard_size)
+    mine = [i for i in range(rank, n_shards, world)]
+    todo = [i for i in mine if not store.done(i)]
+    bar = _progress(sum(min(job.shard_size, ident["lines"] - i * job.shard_size) for i in todo),
+                    f"encode {os.path.basename(job.corpus)}" + (f" [rank {rank}]" if world > 1 else ""),
+                    job.progress and rank == 0)
+    t0, docs = time.perf_counter(), 0
+    todo_set = set(todo)
+    with open(job.corpus, encoding="utf-8-sig", errors="replace") as f:
+        shard, ids, texts, counts = -1, [], [], Counter()
+        for line_no, line in enumerate(f):
+            s = line_no // job.shard_size
+            if s != shard:
+                if shard in todo_set:
+                    docs += _encode_shard(enc, store, shard, (ids, texts, counts), bar)
+                    bar.update(job.shard_size)
+                shard, ids, texts, counts = s, [], [], Counter()
+            if s not in todo_set:
+                continue
+            doc = corpus_doc(line, counts)
+            if doc is not None:
+                ids.append(doc[0])
+                texts.append(doc[1])
+        if shard in todo_set:
+            docs += _encode_shard(enc, store, shard, (ids, texts, counts), bar)
+            bar.update(ident["lines"] - shard * job.shard_size)
+    bar.close()
+    for i in todo:  # shards past the last line (a file that grew shorter is refused by the manifest)
+        if not store.done(i):
+            raise UserError(f"{job.corpus}: shard {i} was not reached; the file changed while it was read")
+    secs = time.perf_counter() - t0
+    _barrier(world)
+    totals = store.finish(n_shards) if rank == 0 else None
+    return {"rank": rank, "shards": len(mine), "encoded_shards": len(todo), "skipped_shards": len(mine) - len(todo),
+            "documents": docs, "seconds": round(secs, 2), "passages_per_s": round(docs / secs, 2) if docs else 0.0,
+            "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "totals": totals}
+
+
+def _encode_shard(enc: Encoder, store: EmbeddingShards, i: int, shard: tuple, bar) -> int:
+    ids, texts, counts = shard
+    emb = enc.encode_passages(texts) if texts else torch.zeros(0, enc.model.args.dim)  # (n, d) fp32
+    store.write(i, ids, emb.numpy().astype(DTYPES[store.manifest()["dtype"]]), counts)
+    bar.set_postfix_str(f"{len(ids) / max(enc.stats.get('seconds', 0.0), 1e-9):.1f} passages/s", refresh=False)
+    return len(ids)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
 def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="text", disable=not enabled, file=sys.stderr,
                 mininterval=1.0, dynamic_ncols=True)
@@ -123,8 +227,23 @@ def main(argv=None):
     ap.add_argument("--attn", default="auto")
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    ap.add_argument("--corpus", help="a BEIR corpus.jsonl to encode in shards into --out (under torchrun: "
+                    "each rank its share)")
+    ap.add_argument("--out", help="directory of the embedding shards (with --corpus)")
+    ap.add_argument("--shard-size", type=int, default=CorpusJob.shard_size, help="corpus lines per shard")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="of the stored vectors")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it holds another run's shards")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.corpus or args.out:
+        if not (args.corpus and args.out):
+            ap.error("--corpus and --out go together")
+        try:
+            return corpus_main(args)
+        except UserError as e:
+            print(f"encode: error: {e}", file=sys.stderr)
+            return 2
     texts, titles = list(args.text), [f"text{i}" for i in range(len(args.text))]
     if not texts:
         for title, text in islice(iter_wiki_sample(), args.wiki_sample):
@@ -145,5 +264,31 @@ def main(argv=None):
           f"{enc.stats['tokens'] / (t2 - t1):.0f} tokens/s) on {enc.device}")
 
 
+def corpus_main(args) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = args.device
+    if world > 1:
+        dist.init_process_group("gloo")  # barriers only: each rank encodes on its own
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    try:
+        enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, max_len=args.max_len, device=device)
+        job = CorpusJob(args.corpus, args.out, args.shard_size, args.dtype, args.overwrite, not args.quiet)
+        r = encode_corpus(enc, job, rank, world)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    print(f"rank {r['rank']}: {r['encoded_shards']} of {r['shards']} shards encoded ({r['skipped_shards']} were "
+          f"done), {r['documents']} passages in {r['seconds']:.1f}s, {r['passages_per_s']:.2f} passages/s, "
+          f"max RSS {r['max_rss_mib']:.0f} MiB, on {enc.device}", file=sys.stderr)
+    if r["totals"] is not None:
+        t = r["totals"]
+        notes = "; ".join(f"{REASONS.get(k, k)}: {v}" for k, v in t["counts"].items())
+        print(f"{args.out}: complete, {t['documents']} passages in {t['shards']} shards" + (f" ({notes})" if notes
+                                                                                            else ""))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -93,6 +93,32 @@ def _text(v) -> str:
     return v.strip() if isinstance(v, str) else ""
 
 
+def passage_text(rec: dict, counts: Counter) -> str | None:
+    """A corpus record's passage, ``title + " " + text``; None (counted) when it has neither."""
+    title, text = _text(rec.get("title")), _text(rec.get("text"))
+    if not text:
+        counts["corpus_title_only" if title else "corpus_no_text"] += 1
+        if not title:
+            return None
+    return f"{title} {text}".strip()
+
+
+def corpus_doc(line: str, counts: Counter) -> tuple[str, str] | None:
+    """(id, passage) of one corpus.jsonl line, or None when it holds none (counted by reason;
+    a blank line is neither counted nor a document)."""
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        rec = None
+    if not isinstance(rec, dict) or rec.get("_id") is None:
+        counts["corpus_bad_line"] += 1
+        return None
+    text = passage_text(rec, counts)
+    return None if text is None else (str(rec["_id"]), text)
+
+
 def _judgement(s: str) -> int:
     """An integer judgement: "2", or a float that is an integer ("1.0"); anything else (0.5, inf,
     nan, words) raises ValueError."""
@@ -129,7 +155,9 @@ def read_qrels(path: Path, counts: Counter) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def load_beir(root: str | os.PathLike, split: str = "test") -> BeirData:
+def load_beir(root: str | os.PathLike, split: str = "test", with_corpus: bool = True) -> BeirData:
+    """The dataset; ``with_corpus=False`` leaves the corpus unread (its embeddings come from
+    elsewhere): doc_ids/doc_texts are then empty and judged documents are not checked."""
     root = Path(root)
     if not root.is_dir():
         raise InputNotFound(f"{root}: no such BEIR dataset directory")
@@ -140,16 +168,13 @@ def load_beir(root: str | os.PathLike, split: str = "test") -> BeirData:
                                 f"available splits: {', '.join(have) if have else 'none (no qrels/ directory)'}")
     counts: Counter = Counter()
     docs: dict[str, str] = {}
-    for rec in _read_jsonl(root / "corpus.jsonl", "corpus", counts):
+    for rec in _read_jsonl(root / "corpus.jsonl", "corpus", counts) if with_corpus else ():
         if rec["_id"] in docs:
             counts["corpus_duplicate_id"] += 1
             continue
-        title, text = _text(rec.get("title")), _text(rec.get("text"))
-        if not text:
-            counts["corpus_title_only" if title else "corpus_no_text"] += 1
-            if not title:
-                continue
-        docs[rec["_id"]] = f"{title} {text}".strip()
+        text = passage_text(rec, counts)
+        if text is not None:
+            docs[rec["_id"]] = text
     queries: dict[str, str] = {}
     for rec in _read_jsonl(root / "queries.jsonl", "queries", counts):
         if rec["_id"] in queries:
@@ -161,7 +186,7 @@ def load_beir(root: str | os.PathLike, split: str = "test") -> BeirData:
     qrels = read_qrels(qrels_path, counts)
     qids = []
     for q, rels in qrels.items():
-        counts["qrels_unknown_doc"] += sum(1 for d in rels if d not in docs)
+        counts["qrels_unknown_doc"] += sum(1 for d in rels if d not in docs) if with_corpus else 0
         if q not in queries:
             counts["qrels_unknown_query"] += 1
         elif not any(r > 0 for r in rels.values()):

@@ -9,7 +9,20 @@ import numpy as np
 import pytest
 from errmodel import sum_tol
 
-from llara_fast.evaluate import evaluate_run, load_beir, main, mrr_at_k, ndcg_at_k, rank, recall_at_k, search, to_run
+from llara_fast.evaluate import (
+    IndexConfig,
+    evaluate_run,
+    load_beir,
+    main,
+    mrr_at_k,
+    ndcg_at_k,
+    rank,
+    recall_at_k,
+    search,
+    search_index,
+    to_run,
+    write_run_file,
+)
 
 SCIFACT = Path(os.environ.get("LLARA_FAST_SCIFACT", "/work/shared/data/beir/scifact"))
 L2, L3, L4, L5 = (math.log2(n) for n in (2, 3, 4, 5))
@@ -196,3 +209,101 @@ def test_qrels_scores_must_be_integers_and_duplicates_are_counted(tmp_path):
     counts = Counter()
     assert read_qrels(f, counts) == {"q1": {"d3": 1}, "q2": {"d1": 3}}  # 1.0 is the integer 1; the first d3 kept
     assert counts == {"qrels_bad_line": 4, "qrels_duplicate": 1}
+
+
+# ---- against trec_eval, approximate search, precomputed embeddings -------------------------------
+@pytest.mark.skipif(not (SCIFACT / "corpus.jsonl").is_file(), reason=f"SciFact not at {SCIFACT}")
+def test_metrics_equal_pytrec_eval_on_scifact(tmp_path):
+    """nDCG@10, MRR@10, Recall@100 and Recall@1000 equal trec_eval's (pytrec_eval-terrier) per
+    query to 1e-9, on SciFact's test qrels and a BM25 run of its whole corpus; the run goes
+    through our TREC run file, whose tie handling makes trec_eval read our order."""
+    import bm25s
+    import pytrec_eval
+
+    data = load_beir(SCIFACT, "test")
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(data.doc_texts, stopwords="en", show_progress=False), show_progress=False)
+    idx, scores = retriever.retrieve(bm25s.tokenize(data.query_texts, stopwords="en", show_progress=False),
+                                     k=1000, show_progress=False)
+    run = {q: {data.doc_ids[j]: float(s) for j, s in zip(idx[i], scores[i])} for i, q in enumerate(data.query_ids)}
+    assert sum(len(set(r.values())) < len(r) for r in run.values()) > 0  # the run has ties: the file must handle them
+    ours = evaluate_run(data.qrels, run, ("ndcg@10", "mrr@10", "recall@100", "recall@1000"))
+    assert ours.n_queries == 300
+    write_run_file(tmp_path / "run.trec", data.query_ids, run)
+    with open(tmp_path / "run.trec") as f:
+        trec_run = pytrec_eval.parse_run(f)
+    qrels = {q: data.qrels[q] for q in data.query_ids}
+    full = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "recall.1000"}).evaluate(trec_run)
+    top10 = {q: {d: s for d, s in sorted(r.items(), key=lambda x: -x[1])[:10]} for q, r in trec_run.items()}
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    for q, m in ours.per_query.items():
+        assert m["ndcg@10"] == pytest.approx(full[q]["ndcg_cut_10"], abs=1e-9), q
+        assert m["recall@100"] == pytest.approx(full[q]["recall_100"], abs=1e-9), q
+        assert m["recall@1000"] == pytest.approx(full[q]["recall_1000"], abs=1e-9), q
+        assert m["mrr@10"] == pytest.approx(rr[q]["recip_rank"], abs=1e-9), q
+    assert 0.5 < ours.means["ndcg@10"] < 0.8  # BM25 on SciFact: about 0.67 in the BEIR paper
+
+
+def test_run_file_keeps_our_tie_order(tmp_path):
+    run = {"q": {"b": 0.5, "a": 0.5, "c": 0.7, "d": 0.5}}
+    write_run_file(tmp_path / "r.trec", ["q"], run)
+    rows = [line.split() for line in (tmp_path / "r.trec").read_text().splitlines()]
+    assert [r[2] for r in rows] == ["c", "a", "b", "d"] == rank(run["q"])
+    scores = [float(r[4]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == 4  # strictly decreasing
+    assert scores[1] == 0.5 and scores[3] > 0.5 - 1e-12
+
+
+def _clustered(rng, n, d, centres):
+    c = rng.standard_normal((centres, d))
+    x = c[rng.integers(0, centres, n)] + 0.3 * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_approximate_indexes_report_recall_against_exact():
+    rng = np.random.default_rng(0)
+    docs, qs = _clustered(rng, 4000, 32, 50), _clustered(rng, 60, 32, 50)
+    s_exact, i_exact = search(docs, qs, 100)
+    s, i, info = search_index(docs, qs, 100, IndexConfig("flat"))
+    np.testing.assert_array_equal(i, i_exact)
+    assert "recall@100_vs_exact" not in info
+    floors = {"hnsw": 0.9, "ivf": 0.9, "ivfpq": 0.4}
+    for kind, floor in floors.items():
+        _, i, info = search_index(docs, qs, 100, IndexConfig(kind))
+        assert i.shape == (60, 100)
+        assert floor <= info["recall@100_vs_exact"] <= 1.0, (kind, info)
+    assert info["nlist"] == 4000 // 39 and info["nprobe"] == 16 and info["pq_m"] == 8  # the documented defaults
+    _, i, low = search_index(docs, qs, 100, IndexConfig("ivf", nlist=100, nprobe=1))
+    _, i, high = search_index(docs, qs, 100, IndexConfig("ivf", nlist=100, nprobe=100))
+    assert low["recall@100_vs_exact"] < high["recall@100_vs_exact"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_cli_with_precomputed_embeddings(tmp_path, capsys):
+    """encode --corpus, then evaluate --embeddings: the same metrics as encoding in evaluate;
+    the embeddings of another model and a --k below the metrics' depth are refused."""
+    from llara_fast.encode import main as encode_main
+    from llara_fast.io.export import main as export_main
+
+    ds = _write_beir(tmp_path / "ds")
+    assert export_main(["--checkpoint", "debug", "--out", str(tmp_path / "m")]) == 0
+    assert encode_main(["--model", str(tmp_path / "m"), "--corpus", str(ds / "corpus.jsonl"), "--out",
+                        str(tmp_path / "emb"), "--shard-size", "3", "--quiet", "--attn", "sdpa"]) == 0
+    capsys.readouterr()
+    common = ["--model", str(tmp_path / "m"), "--beir", str(ds), "--quiet", "--attn", "sdpa"]
+    assert main(common) == 0
+    direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*common, "--embeddings", str(tmp_path / "emb"), "--metrics", "ndcg@10,mrr@10,recall@100,recall@1000",
+                 "--k", "1000"]) == 0
+    pre = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert pre["documents"] == direct["documents"] == 4
+    for m in ("ndcg@10", "mrr@10", "recall@100"):
+        assert pre[m] == pytest.approx(direct[m], abs=1e-6)
+    assert pre["metrics"][-1] == "recall@1000" and pre["counts"]["corpus_duplicate_id"] == 1
+    assert main([*common, "--metrics", "recall@1000"]) == 2
+    assert "needs --k >= 1000" in capsys.readouterr().err
+    manifest = tmp_path / "emb" / "embeddings.json"
+    m = json.loads(manifest.read_text())
+    m["model"]["weights"] = "0" * 32  # as if another model's weights had made them
+    manifest.write_text(json.dumps(m))
+    assert main([*common, "--embeddings", str(tmp_path / "emb")]) == 2
+    assert "made by another model" in capsys.readouterr().err

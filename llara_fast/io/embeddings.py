@@ -1,0 +1,158 @@
+"""Corpus embeddings on disk, in shards: written by ``llara_fast.encode --corpus`` (one or many
+ranks), read by ``llara_fast.evaluate --embeddings`` and dense negative mining.
+
+    DIR/embeddings.json      the manifest: model, corpus, shard size, dtype, dim (rank 0, first)
+    DIR/shard-00000.npy      (n, d) float16 or float32 unit vectors, in corpus order
+    DIR/shard-00000.ids      the n document ids, one per line
+    DIR/shard-00000.json     {"n", "counts"}: written last, so its presence marks the shard done
+    DIR/COMPLETE             every shard is done: the totals
+
+Shard i holds the documents of the corpus lines [i * shard_size, (i + 1) * shard_size)
+(physical lines, so the sharding does not depend on which lines are valid); shard i belongs to
+rank i % world. A rerun with the same manifest encodes only the shards that are not done; a
+different model, corpus, shard size, dtype or prompt is refused, naming the field.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from llara_fast.errors import InputNotFound, UserError
+
+MANIFEST = "embeddings.json"
+COMPLETE = "COMPLETE"
+DTYPES = {"float16": np.float16, "float32": np.float32}
+HEAD_BYTES = 64 * 2**20  # the corpus identity hashes this much of the file (plus its size)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def corpus_identity(path: str | os.PathLike) -> dict:
+    """Size and line count of the corpus file and the sha256 of its first 64 MiB."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFound(f"{p}: no such corpus file")
+    h, lines, last = hashlib.sha256(), 0, b"\n"
+    with open(p, "rb") as f:
+        head = f.read(HEAD_BYTES)
+        h.update(head)
+        for block in itertools.chain([head], iter(lambda: f.read(2**24), b"")):  # streamed
+            lines += block.count(b"\n")
+            last = block[-1:] or last
+    lines += last != b"\n"  # a last line without its newline
+    size = p.stat().st_size
+    return {"bytes": size, "lines": lines, "sha256_head": h.hexdigest()}
+
+
+class EmbeddingShards:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # ---- writing ------------------------------------------------------------------------------
+    def start(self, manifest: dict, overwrite: bool = False) -> None:
+        """Rank 0, before any shard: write the manifest, or check it against the one there."""
+        old = self.manifest()
+        if old is not None and old != manifest and not overwrite:
+            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            what = "; ".join(f"{k}: {old.get(k)} there, {manifest.get(k)} now" for k in diff)
+            raise UserError(f"{self.root}: holds embeddings of another run ({what}); pass --overwrite or "
+                            "another --out")
+        if old is None and self.root.exists() and any(self.root.iterdir()) and not overwrite:
+            raise UserError(f"{self.root}: exists, is not empty and holds no {MANIFEST} (pass --overwrite)")
+        if overwrite and old != manifest:
+            for f in self.root.glob("*"):
+                if f.name == MANIFEST or f.name == COMPLETE or f.name.startswith("shard-"):
+                    f.unlink()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if old != manifest or overwrite:
+            _write_json(self.root / MANIFEST, manifest)
+
+    def check(self, manifest: dict) -> None:
+        """Every rank, after rank 0's start(): the manifest there is this run's."""
+        if self.manifest() != manifest:
+            raise UserError(f"{self.root / MANIFEST}: not this run's manifest (another run wrote it meanwhile?)")
+
+    def done(self, i: int) -> bool:
+        return (self.root / f"{shard_name(i)}.json").is_file()
+
+    def write(self, i: int, ids: list[str], emb: np.ndarray, counts: Counter) -> None:
+        """One shard, atomically: ids and vectors first, the .json marker last."""
+        name = shard_name(i)
+        if len(ids) != emb.shape[0]:
+            raise ValueError(f"shard {i}: {len(ids)} ids but {emb.shape[0]} vectors")
+        tmp = self.root / f".{name}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(d.replace("\n", " ") + "\n" for d in ids)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / f"{name}.ids")
+        with open(tmp, "wb") as f:
+            np.save(f, emb)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / f"{name}.npy")
+        _write_json(self.root / f"{name}.json", {"n": len(ids), "counts": dict(sorted(counts.items()))})
+
+    def finish(self, n_shards: int) -> dict:
+        """Rank 0, after every rank is done: check every shard and write COMPLETE."""
+        missing = [i for i in range(n_shards) if not self.done(i)]
+        if missing:
+            raise UserError(f"{self.root}: shards {missing[:5]} are missing; rerun the same command to encode them")
+        counts: Counter = Counter()
+        n = 0
+        for i in range(n_shards):
+            meta = json.loads((self.root / f"{shard_name(i)}.json").read_text())
+            n += meta["n"]
+            counts.update(meta["counts"])
+        totals = {"shards": n_shards, "documents": n, "counts": dict(sorted(counts.items()))}
+        _write_json(self.root / COMPLETE, totals)
+        return totals
+
+    # ---- reading ------------------------------------------------------------------------------
+    def manifest(self) -> dict | None:
+        p = self.root / MANIFEST
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def read(self) -> tuple[list[str], np.ndarray, Counter]:
+        """(document ids, (n, d) float32 vectors, counts) of a complete directory; a duplicate id
+        keeps its first occurrence (counted as corpus_duplicate_id)."""
+        manifest = self.manifest()
+        if manifest is None:
+            raise InputNotFound(f"{self.root / MANIFEST}: missing (not a directory of llara_fast.encode --corpus)")
+        if not (self.root / COMPLETE).is_file():
+            raise UserError(f"{self.root}: not complete (no {COMPLETE}); rerun the encode command to finish it")
+        totals = json.loads((self.root / COMPLETE).read_text())
+        ids, parts, counts = [], [], Counter(totals["counts"])
+        for i in range(totals["shards"]):
+            name = self.root / shard_name(i)
+            n = json.loads(name.with_suffix(".json").read_text())["n"]
+            emb = np.load(name.with_suffix(".npy"))
+            got = name.with_suffix(".ids").read_text(encoding="utf-8").splitlines()
+            if emb.shape != (n, manifest["dim"]) or len(got) != n:
+                raise UserError(f"{name}.npy: holds {emb.shape} vectors and {len(got)} ids, its .json says "
+                                f"{n} x {manifest['dim']}")
+            ids += got
+            parts.append(emb)
+        emb = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, manifest["dim"]), np.float32)
+        first: dict[str, int] = {}
+        for j, d in enumerate(ids):
+            first.setdefault(d, j)
+        if len(first) < len(ids):
+            counts["corpus_duplicate_id"] += len(ids) - len(first)
+            keep = sorted(first.values())
+            ids, emb = [ids[j] for j in keep], emb[keep]
+        return ids, emb, +counts
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
