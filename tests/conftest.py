@@ -169,3 +169,22 @@ def run_entry(target: list[str], args, nproc: int = 1, env=None, check: bool = T
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def write_wiki_beir(root: Path, n_docs: int, n_queries: int, split: str = "test", extra_rels=()) -> Path:
+    """A BEIR directory of Wikipedia lead paragraphs: corpus d0.. (no titles), query q_i = title i,
+    relevant: paragraph i, plus the (query, doc) index pairs of ``extra_rels``."""
+    from itertools import islice
+
+    from llara_fast.data.sources import iter_wiki_sample
+
+    (root / "qrels").mkdir(parents=True)
+    paras = list(islice(iter_wiki_sample(), n_docs))
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
+                                               for i, (_, t) in enumerate(paras)))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": title}) + "\n"
+                                                for i, (title, _) in enumerate(paras[:n_queries])))
+    rels = [(i, i) for i in range(n_queries)] + list(extra_rels)
+    (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                                 "".join(f"q{q}\td{d}\t1\n" for q, d in rels))
+    return root

@@ -20,9 +20,13 @@ records are reported as ``PairsWarning``s naming file:line; when bad / read exce
 ``title + " " + text``) into one record per query with a relevant document (judgement > 0) in
 the corpus: pos = the texts of all its relevant documents, neg = ``k`` documents that are not
 relevant to it, either the top BM25 hits of the query over the corpus (``bm25s``, English stop
-words, no stemming) or a uniform sample without replacement (``random.Random(seed)``). A
-document whose text equals one of the query's positives is never a negative. Records carry
-query_id, pos_ids and neg_ids for auditing. The output depends only on the inputs and seed.
+words, no stemming), or the top hits of any other ranker (``llara_fast.mine`` passes a dense
+one: the model's own nearest passages), or a uniform sample without replacement
+(``random.Random(seed)``). With a rank window ``lo:hi`` (FlagEmbedding's ``range_for_sampling``)
+the negatives are drawn uniformly (seeded) from the ranker's hits at ranks lo+1..hi that are not
+positives, which leaves the very top, where unjudged relevant passages sit, alone. A document
+whose text equals one of the query's positives is never a negative. Records carry query_id,
+pos_ids and neg_ids for auditing. The output depends only on the inputs and seed.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -54,6 +58,8 @@ except ImportError:  # only the "bm25" negatives need it
 
 WARN_FIRST = 5          # bad records reported one by one; the rest only counted
 BM25_EXTRA_HITS = 5     # hits retrieved beyond k + positives, to absorb same-text duplicates
+# A ranker: (corpus ids, corpus texts, query texts, depth) -> the top `depth` corpus indices per query.
+Ranker = Callable[[list[str], list[str], list[str], int], list[list[int]]]
 
 
 class PairsWarning(UserWarning):
@@ -214,13 +220,26 @@ def _pick_negatives(ranked: list[int], pos: list[int], doc_texts: list[str], k: 
     return chosen
 
 
-def beir_to_pairs(beir_dir: str | os.PathLike, split: str = "train", negatives: str = "bm25", k: int = 7,
-                  seed: int = 0, counts: Counter | None = None) -> list[dict]:
-    """One record {"query", "pos", "neg", "query_id", "pos_ids", "neg_ids"} per query of the split
-    with a relevant document in the corpus; see the module docstring for the negatives."""
+def parse_rank_range(s: str | None) -> tuple[int, int] | None:
+    """'30:200' -> (30, 200): the hits at ranks 31..200 (a Python slice of the ranking)."""
+    if not s:
+        return None
+    lo, sep, hi = s.partition(":")
+    if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or int(lo) >= int(hi):
+        raise UserError(f"rank range {s!r}: expected LO:HI with 0 <= LO < HI, e.g. 30:200")
+    return int(lo), int(hi)
 
-    if negatives not in ("bm25", "random"):
-        raise UserError(f"unknown negatives {negatives!r} (bm25 or random)")
+
+def beir_to_pairs(beir_dir: str | os.PathLike, split: str = "train", negatives: str | Ranker = "bm25", k: int = 7,
+                  seed: int = 0, counts: Counter | None = None, rank_range: tuple[int, int] | None = None) -> list[dict]:
+    """One record {"query", "pos", "neg", "query_id", "pos_ids", "neg_ids"} per query of the split
+    with a relevant document in the corpus; ``negatives``: "bm25", "random" or a Ranker; see the
+    module docstring for the negatives and the rank window."""
+
+    if not callable(negatives) and negatives not in ("bm25", "random"):
+        raise UserError(f"unknown negatives {negatives!r} (bm25 or random; dense: python -m llara_fast.mine)")
+    if rank_range is not None and negatives == "random":
+        raise UserError("a rank window needs ranked negatives (bm25 or dense), not random ones")
     if k < 0:
         raise UserError(f"k must be >= 0, got {k}")
     counts = Counter() if counts is None else counts
@@ -238,14 +257,24 @@ def beir_to_pairs(beir_dir: str | os.PathLike, split: str = "train", negatives: 
             continue
         queries.append((qid, qtext, pos))
 
-    depth = k + max((len(p) for _, _, p in queries), default=0) + BM25_EXTRA_HITS
-    if negatives == "bm25":
-        ranked = _bm25_ranked(data.doc_texts, [q for _, q, _ in queries], depth) if queries else []
-    else:
+    depth = rank_range[1] if rank_range else k + max((len(p) for _, _, p in queries), default=0) + BM25_EXTRA_HITS
+    query_texts = [q for _, q, _ in queries]
+    if negatives == "random":
         ranked = _random_ranked(len(data.doc_ids), len(queries), depth, seed)
+    elif not queries:
+        ranked = []
+    elif negatives == "bm25":
+        ranked = _bm25_ranked(data.doc_texts, query_texts, depth)
+    else:
+        ranked = negatives(data.doc_ids, data.doc_texts, query_texts, min(depth, len(data.doc_ids)))
+    rng = random.Random(seed)
 
     records = []
     for (qid, qtext, pos), hits in zip(queries, ranked):
+        if rank_range:  # the window's non-positives, shuffled: k drawn uniformly from them
+            positives = set(pos)
+            hits = [j for j in hits[rank_range[0]:rank_range[1]] if j not in positives]
+            rng.shuffle(hits)
         neg = _pick_negatives(hits, pos, data.doc_texts, k, counts)
         if len(neg) < k:
             counts["short_negatives"] += 1
@@ -331,15 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beir", required=True, help="BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/)")
     p.add_argument("--split", default="train", help="qrels split (qrels/<split>.tsv); default train")
     p.add_argument("--negatives", choices=("bm25", "random"), default="bm25",
-                   help="top BM25 hits that are not relevant, or a uniform random sample; default bm25")
+                   help="top BM25 hits that are not relevant, or a uniform random sample; default bm25 "
+                        "(negatives mined by a dense model: python -m llara_fast.mine)")
     p.add_argument("--k", type=int, default=7, help="negatives per query; default 7")
     p.add_argument("--seed", type=int, default=0, help="seed of the random negatives; default 0")
+    p.add_argument("--rank-range", help="draw the negatives from the BM25 hits at ranks LO+1..HI, e.g. 10:100")
     p.add_argument("--out", required=True, help="output JSONL file")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     counts: Counter = Counter()
     try:
-        records = beir_to_pairs(a.beir, a.split, a.negatives, a.k, a.seed, counts)
+        records = beir_to_pairs(a.beir, a.split, a.negatives, a.k, a.seed, counts, parse_rank_range(a.rank_range))
         write_pairs(records, a.out)
     except UserError as e:
         print(f"pairs: error: {e}", file=sys.stderr)

@@ -4,36 +4,21 @@ the passage prompt, and its scores equal llara_fast.evaluate's on the same data.
 import json
 import socket
 import sys
-from itertools import islice
 from pathlib import Path
 
 import pytest
-
-from llara_fast.data.sources import iter_wiki_sample
+from conftest import write_wiki_beir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 mteb_beir = pytest.importorskip("mteb_beir")
 pytest.importorskip("mteb")
 
 
-def _wiki_beir(root: Path, n_docs=40, n_queries=15) -> Path:
-    """Lead paragraphs as the corpus; each of the first titles is a query whose answer is its paragraph."""
-    (root / "qrels").mkdir(parents=True)
-    paras = list(islice(iter_wiki_sample(), n_docs))
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
-                                               for i, (_, t) in enumerate(paras)))
-    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": title}) + "\n"
-                                                for i, (title, _) in enumerate(paras[:n_queries])))
-    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
-                                             "".join(f"q{i}\td{i}\t1\n" for i in range(n_queries)))
-    return root
-
-
 def test_mteb_offline_equals_evaluate(tmp_path, monkeypatch, capsys):
     from llara_fast.evaluate import main as evaluate_main
     from llara_fast.io.export import main as export_main
 
-    ds = _wiki_beir(tmp_path / "ds")
+    ds = write_wiki_beir(tmp_path / "ds", 40, 15)
     assert export_main(["--checkpoint", "debug", "--out", str(tmp_path / "m")]) == 0
     assert evaluate_main(["--model", str(tmp_path / "m"), "--beir", str(ds), "--quiet", "--attn", "sdpa"]) == 0
     ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

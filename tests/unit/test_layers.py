@@ -34,6 +34,7 @@ LAYERS = [
      "llara_fast.train.trainer"],
     # entry points
     ["llara_fast.pretrain", "llara_fast.finetune", "llara_fast.evaluate", "llara_fast.export"],
+    ["llara_fast.mine"],
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 
