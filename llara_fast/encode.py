@@ -90,15 +90,18 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_ids(self, ids: Sequence[Sequence[int]], kind: str = "passage", progress: bool = False,
-                   desc: str | None = None) -> torch.Tensor:
-        """(len(ids), d) fp32 unit vectors for pre-tokenised texts, in input order."""
+                   desc: str | None = None, bar=None) -> torch.Tensor:
+        """(len(ids), d) fp32 unit vectors for pre-tokenised texts, in input order; ``bar``: a
+        caller's tqdm bar to advance per micro-batch instead of one of its own."""
         if kind not in ("passage", "query"):
             raise UserError(f"kind must be 'passage' or 'query', got {kind!r}")
         out = torch.empty(len(ids), self.model.args.dim, dtype=torch.float32)
         lengths = [self.suffix_len(kind) + min(len(t), self.max_len) for t in ids]
         # Sorted by length: similar lengths share a micro-batch (steadier batch cost on GPU).
         order = sorted(range(len(ids)), key=lambda i: lengths[i])
-        bar = _progress(len(ids), desc or ("encode passages" if kind == "passage" else "encode queries"), progress)
+        own = bar is None
+        if own:
+            bar = _progress(len(ids), desc or ("encode passages" if kind == "passage" else "encode queries"), progress)
         t0, done_tokens = time.perf_counter(), 0
         for g in greedy_groups([lengths[i] for i in order], self.token_budget):
             sel = [order[j] for j in g]
@@ -110,7 +113,8 @@ class Encoder:
             done_tokens += batch.num_tokens
             bar.update(len(sel))
             bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
-        bar.close()
+        if own:
+            bar.close()
         self.stats = {"texts": len(ids), "tokens": sum(lengths), "seconds": time.perf_counter() - t0}
         return out
 
@@ -178,7 +182,7 @@ def encode_corpus(enc: Encoder, job: CorpusJob, rank: int = 0, world: int = 1) -
             if s != shard:
                 if shard in todo_set:
                     docs += _encode_shard(enc, store, shard, (ids, texts, counts), bar)
-                    bar.update(job.shard_size)
+                    bar.update(job.shard_size - len(ids))  # the shard's lines that held no passage
                 shard, ids, texts, counts = s, [], [], Counter()
             if s not in todo_set:
                 continue
@@ -188,7 +192,7 @@ def encode_corpus(enc: Encoder, job: CorpusJob, rank: int = 0, world: int = 1) -
                 texts.append(doc[1])
         if shard in todo_set:
             docs += _encode_shard(enc, store, shard, (ids, texts, counts), bar)
-            bar.update(ident["lines"] - shard * job.shard_size)
+            bar.update(ident["lines"] - shard * job.shard_size - len(ids))
     bar.close()
     for i in todo:  # shards past the last line (a file that grew shorter is refused by the manifest)
         if not store.done(i):
@@ -203,9 +207,8 @@ def encode_corpus(enc: Encoder, job: CorpusJob, rank: int = 0, world: int = 1) -
 
 def _encode_shard(enc: Encoder, store: EmbeddingShards, i: int, shard: tuple, bar) -> int:
     ids, texts, counts = shard
-    emb = enc.encode_passages(texts) if texts else torch.zeros(0, enc.model.args.dim)  # (n, d) fp32
-    store.write(i, ids, emb.numpy().astype(DTYPES[store.manifest()["dtype"]]), counts)
-    bar.set_postfix_str(f"{len(ids) / max(enc.stats.get('seconds', 0.0), 1e-9):.1f} passages/s", refresh=False)
+    emb = enc.encode_ids(enc.tokenize(texts), "passage", bar=bar) if texts else torch.zeros(0, enc.model.args.dim)
+    store.write(i, ids, emb.numpy().astype(DTYPES[store.manifest()["dtype"]]), counts)  # (n, d)
     return len(ids)
 
 
