@@ -20,6 +20,7 @@ from llara_fast.config import opt
 from llara_fast.data.loader import contrastive_loader
 from llara_fast.data.pairs import FinetuneDataConfig
 from llara_fast.data.shards import tokenizer_fingerprint
+from llara_fast.errors import ConfigError
 from llara_fast.io.export import export_trained
 from llara_fast.io.load import load
 from llara_fast.lora import LoraConfig, apply_lora
@@ -47,6 +48,19 @@ class FinetuneConfig:
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
 
+def chunked(d: FinetuneDataConfig, c: ContrastiveConfig) -> FinetuneDataConfig:
+    """With GradCache and contrastive.chunk: each rank's data.queries * data.grad_accum queries of a
+    step, loaded in micro-batches of `chunk` queries (the same global batch; the re-run unit)."""
+    if c.chunk and not c.grad_cache:
+        raise ConfigError("contrastive.chunk splits a GradCache step: set contrastive.grad_cache = true")
+    if not c.grad_cache or not c.chunk or c.chunk == d.queries:
+        return d
+    per_rank = d.queries * d.grad_accum
+    if c.chunk < 1 or per_rank % c.chunk:
+        raise ConfigError(f"contrastive.chunk {c.chunk} must divide data.queries * data.grad_accum = {per_rank}")
+    return dataclasses.replace(d, queries=c.chunk, grad_accum=per_rank // c.chunk)
+
+
 def run(cfg: FinetuneConfig) -> dict:
     trainer = Trainer(cfg, "finetune", default_steps=(20, 500))
     d, m = cfg.data, cfg.model
@@ -54,13 +68,13 @@ def run(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.run.seed)
     model, tokenizer, prompts = load(m.name, m.attn, tokenizer=m.tokenizer or None, random_init=m.random_init,
                                      layers=m.layers, seed=cfg.run.seed)
-    loader, about = contrastive_loader(d, tokenizer, Template.from_tokenizer(tokenizer, prompts), trainer.rank,
-                                       trainer.world)
+    template = Template.from_tokenizer(tokenizer, prompts)
+    loader, about = contrastive_loader(chunked(d, cfg.contrastive), tokenizer, template, trainer.rank, trainer.world)
     trainer.log(about)
     if cfg.lora.rank > 0:
         n = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         trainer.log(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: {n:,} trainable parameters")
-    objective = ContrastiveObjective(model.args.vocab_size)
+    objective = ContrastiveObjective(model.args.vocab_size, cfg.contrastive)
     trainer.build(model, ContrastiveModule(model, cfg.contrastive), objective)
 
     oom = (f"data.queries={d.queries}, data.negatives={d.negatives}: lower them or data.passage_max_len, set "

@@ -12,6 +12,15 @@ gradients. InfoNCE with temperature t:
 where Q counts the queries of the whole optimizer step (all micro-batches, all ranks), so the
 result does not depend on how the step is split over micro-batches when the contrastive groups
 are the same.
+
+GradCache (``grad_cache = true``; Gao et al. 2021): the contrastive batch is the whole step, all
+micro-batches of all ranks. ``prepare`` embeds every micro-batch without a graph, computes the
+InfoNCE loss of the step on those embeddings and its gradient with respect to each of this
+rank's embeddings (the cross-rank gather's backward brings the other ranks' share); then each
+micro-batch is re-run with a graph and back-propagated from (embeddings · cached gradient), which
+gives the same parameter gradients as one forward of the whole batch, with the activation
+memory of one micro-batch. The RNG state of each micro-batch's first forward is replayed for
+its re-run (LoRA dropout draws the same masks).
 """
 from __future__ import annotations
 
@@ -32,6 +41,10 @@ from llara_fast.errors import UserError
 class ContrastiveConfig:
     temperature: float = opt(0.01, "InfoNCE temperature (the released LLaRA fine-tuning recipe's)")
     cross_rank: bool = opt(True, "score against the passages of every data-parallel rank")
+    grad_cache: bool = opt(False, "GradCache: the whole step (all micro-batches, all ranks) is one contrastive batch, "
+                                  "exact, with one micro-batch's activation memory")
+    chunk: int = opt(0, "with grad_cache: queries per re-run chunk (each rank's data.queries * data.grad_accum "
+                        "queries are loaded in micro-batches of this many; 0: data.queries)")
 
 
 def _world() -> int:
@@ -72,6 +85,16 @@ def info_nce(q: torch.Tensor, p: torch.Tensor, group: int, temperature: float, n
     return loss, hits
 
 
+def _rng_state(device: torch.device):
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class ContrastiveModule(nn.Module):
     """Model + InfoNCE as one module (FSDP's root holds the embedding and final norm)."""
 
@@ -80,10 +103,17 @@ class ContrastiveModule(nn.Module):
         self.model = model
         self.cfg = cfg
 
-    def forward(self, batch: PackedBatch, special: torch.Tensor, n_local: int, group: int, n_queries: int):
-        """batch: this rank's B queries then their B * group passages, packed; special (E, K)."""
+    def forward(self, batch: PackedBatch, special: torch.Tensor, n_local: int | None, group: int, n_queries: int,
+                emb_grad: torch.Tensor | None = None):
+        """batch: this rank's B queries then their B * group passages, packed; special (E, K).
+        (loss, hits); with ``emb_grad`` (E, d) the GradCache surrogate (embeddings · emb_grad)
+        and the embeddings; with n_local None only the embeddings (E, d)."""
         hidden = self.model(batch)  # (N, d)
         emb = pooled_embeddings(hidden, special)  # (B + B * group, d)
+        if n_local is None:
+            return emb
+        if emb_grad is not None:
+            return (emb * emb_grad).sum(), emb.detach()
         loss, hits = info_nce(emb[:n_local], emb[n_local:], group, self.cfg.temperature, n_queries,
                               self.cfg.cross_rank)
         return loss, hits
@@ -107,9 +137,13 @@ class ContrastiveObjective:
     (llara_fast.data.loader); every rank holds the same number of the same number of queries."""
     n_parts = 2  # loss, hits
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, cfg: ContrastiveConfig = ContrastiveConfig()):
         self.vocab_size = vocab_size
+        self.cfg = cfg
         self.n_queries = 0  # the step's global number of queries, set by counts()
+        self._cache: list = []  # GradCache, per micro-batch: (RNG state, embeddings, their gradient)
+        self._parts: torch.Tensor | None = None
+        self.replay_error = 0.0  # GradCache: max |re-run - first embeddings| of the last step (0: exact replay)
 
     def check(self, micro_batches) -> None:
         for i, mb in enumerate(micro_batches):
@@ -123,10 +157,47 @@ class ContrastiveObjective:
         return torch.tensor([sum(mb.batch.num_tokens for mb in micro_batches),
                              sum(mb.n_queries * mb.group for mb in micro_batches)], dtype=torch.float64)
 
+    def prepare(self, module: nn.Module, micro_batches, counts: torch.Tensor, device: torch.device) -> None:
+        """GradCache's first pass (no graph): the step's loss and its gradient w.r.t. every
+        embedding of this rank, cached per micro-batch for forward()."""
+        if not self.cfg.grad_cache:
+            return
+        if len({mb.group for mb in micro_batches}) > 1:
+            raise ValueError("GradCache: the micro-batches of a step differ in group size")
+        self._cache, embs = [], []
+        with torch.no_grad():
+            for mb in micro_batches:
+                rng = _rng_state(device)
+                embs.append(module(mb.batch.to(device, non_blocking=True), mb.special.to(device), None, mb.group, 0))
+                self._cache.append(rng)
+        after = _rng_state(device)
+        qs = torch.cat([e[:mb.n_queries] for e, mb in zip(embs, micro_batches)]).requires_grad_()  # (B, d)
+        ps = torch.cat([e[mb.n_queries:] for e, mb in zip(embs, micro_batches)]).requires_grad_()  # (B * group, d)
+        with torch.enable_grad():
+            loss, hits = info_nce(qs, ps, micro_batches[0].group, self.cfg.temperature, self.n_queries,
+                                  self.cfg.cross_rank)
+            loss.backward()  # with cross_rank: the gather's backward sums every rank's share into ps.grad
+        q_grads = qs.grad.split([mb.n_queries for mb in micro_batches])
+        p_grads = ps.grad.split([mb.n_queries * mb.group for mb in micro_batches])
+        self._cache = [(rng, e, torch.cat([gq, gp])) for rng, e, gq, gp in zip(self._cache, embs, q_grads, p_grads)]
+        self._cache.append(after)
+        self._parts = torch.stack([loss.detach().float(), hits.float()])
+        self._next, self.replay_error = 0, 0.0
+
     def forward(self, module: nn.Module, mb, counts: torch.Tensor, device: torch.device):
-        loss, hits = module(mb.batch.to(device, non_blocking=True), mb.special.to(device), mb.n_queries, mb.group,
-                            self.n_queries)
-        return loss, torch.stack([loss.detach().float(), hits.float()])
+        batch, special = mb.batch.to(device, non_blocking=True), mb.special.to(device)
+        if not self.cfg.grad_cache:
+            loss, hits = module(batch, special, mb.n_queries, mb.group, self.n_queries)
+            return loss, torch.stack([loss.detach().float(), hits.float()])
+        rng, first, grad = self._cache[self._next]
+        _set_rng_state(rng, device)
+        surrogate, emb = module(batch, special, mb.n_queries, mb.group, self.n_queries, grad)
+        self.replay_error = max(self.replay_error, float((emb - first).abs().max()) if emb.numel() else 0.0)
+        parts = self._parts if self._next == 0 else torch.zeros_like(self._parts)  # the step's, logged once
+        self._next += 1
+        if self._next == len(self._cache) - 1:
+            _set_rng_state(self._cache[-1], device)  # where the first pass left the generators
+        return surrogate, parts
 
     def describe(self, s) -> tuple[dict, str]:
         """(metrics fields, log-line part) of a step, for the Trainer."""

@@ -32,6 +32,9 @@ class Objective(Protocol):
     def forward(self, module: nn.Module, micro_batch, counts: torch.Tensor, device: torch.device):
         """(loss (), parts (n_parts,) detached) of one micro-batch; counts: the step's global counts."""
 
+    # Optional: prepare(module, micro_batches, counts, device), called once before the first
+    # forward of a step (GradCache embeds the whole step there).
+
 
 @dataclass
 class StepStats:
@@ -59,6 +62,8 @@ def optimizer_step(module: nn.Module, micro_batches: Sequence, optimizer: torch.
     objective.check(micro_batches)
     world = world_size()
     counts = all_reduce_(objective.counts(micro_batches).to(device))  # one small collective
+    if hasattr(objective, "prepare"):  # e.g. GradCache's first pass over the whole step
+        objective.prepare(module, micro_batches, counts, device)
     parts = torch.zeros(objective.n_parts, device=device, dtype=torch.float32)
     for i, mb in enumerate(micro_batches):
         if hasattr(module, "set_requires_gradient_sync"):  # FSDP2: reduce once, after the last

@@ -21,6 +21,22 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_grad_cache_run_matches_one_piece(tmp_path):
+    """contrastive.grad_cache with chunks of 1 query: the 4-query step of the one-piece run, step
+    for step (the same queries, one contrastive batch); a chunk that does not divide is refused."""
+    one, cached = tmp_path / "one", tmp_path / "cached"
+    _run([*COMMON, "--data.queries", "4", "--run.steps", "3", "--run.out_dir", str(one)])
+    _run([*COMMON, "--data.queries", "4", "--run.steps", "3", "--run.out_dir", str(cached),
+          "--contrastive.grad_cache", "true", "--contrastive.chunk", "1"])
+    for x, y in zip(_metrics(one), _metrics(cached), strict=True):
+        assert x["queries"] == y["queries"] == 4 and x["passages"] == y["passages"]
+        for k in ("loss", "accuracy", "grad_norm"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5), (x["step"], k)
+    p = _run([*COMMON, "--data.queries", "4", "--run.steps", "1", "--run.out_dir", str(tmp_path / "bad"),
+              "--contrastive.grad_cache", "true", "--contrastive.chunk", "3"], check=False)
+    assert p.returncode != 0 and "must divide" in p.stderr
+
+
 def test_two_processes_share_negatives_and_match_one(tmp_path):
     """4 queries per step: 1 process x 4 == 2 processes x 2 with passages gathered across ranks."""
     one, two = tmp_path / "one", tmp_path / "two"
