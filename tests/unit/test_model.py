@@ -69,10 +69,23 @@ def wiki_texts():
 
 
 # ---- branch semantics ----------------------------------------------------------------------
-def _tiny(seed=0):
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden=40)
+FAMILY_ARGS = {  # the branch semantics hold for every family (issue: bases)
+    "llama": {},
+    "mistral": {"family": "mistral", "sliding_window": 4096},
+    "qwen2": {"family": "qwen2", "qkv_bias": True},
+    "qwen3": {"family": "qwen3", "qk_norm": True, "head_dim": 12},
+}
+
+
+def _tiny(seed=0, family="llama"):
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden=40, **FAMILY_ARGS[family])
     m = Transformer(args, attn_backend="sdpa")
     m.init_weights(std=0.3, seed=seed)
+    if args.qkv_bias:
+        with torch.no_grad():
+            for layer in m.layers:
+                for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
+                    lin.bias.normal_(0, 0.3)  # biases start at zero; make them matter
     return m.double().eval()  # float64: invariances below hold to its rounding, whatever the BLAS
 
 
@@ -81,8 +94,9 @@ def _segments(batch, e):
     return slice(cu[2 * e], cu[2 * e + 1]), slice(cu[2 * e + 1], cu[2 * e + 2])
 
 
-def test_pred_ignores_sum():
-    model = _tiny()
+@pytest.mark.parametrize("family", list(FAMILY_ARGS))
+def test_pred_ignores_sum(family):
+    model = _tiny(family=family)
     tpl = toy_template(64)
     exs = random_examples(np.random.default_rng(1), [9, 14], 64)
     b1 = pack_reference(exs, tpl, 100)
@@ -98,8 +112,9 @@ def test_pred_ignores_sum():
     torch.testing.assert_close(h1[main.start:main.start + P + T], h2[main.start:main.start + P + T], rtol=0, atol=0)
 
 
-def test_main_ignores_pred():
-    model = _tiny()
+@pytest.mark.parametrize("family", list(FAMILY_ARGS))
+def test_main_ignores_pred(family):
+    model = _tiny(family=family)
     tpl = toy_template(64)
     exs = random_examples(np.random.default_rng(2), [11], 64)
     b1, b2 = pack_reference(exs, tpl, 100), pack_reference(exs, tpl, 100)
@@ -111,8 +126,9 @@ def test_main_ignores_pred():
     torch.testing.assert_close(h1[main], h2[main], rtol=0, atol=0)
 
 
-def test_examples_are_independent():
-    model = _tiny()
+@pytest.mark.parametrize("family", list(FAMILY_ARGS))
+def test_examples_are_independent(family):
+    model = _tiny(family=family)
     tpl = toy_template(64)
     rng = np.random.default_rng(3)
     exs = random_examples(rng, [7, 12, 5], 64)
