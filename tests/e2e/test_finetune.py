@@ -22,16 +22,22 @@ def _metrics(run_dir):
 
 
 def test_grad_cache_run_matches_one_piece(tmp_path):
-    """contrastive.grad_cache with chunks of 1 query: the 4-query step of the one-piece run, step
-    for step (the same queries, one contrastive batch); a chunk that does not divide is refused."""
+    """contrastive.grad_cache with chunks of 1 query, in 1 process and in 2 (FSDP, cross-rank
+    negatives): the 4-query step of the one-piece run, step for step (the same queries, one
+    contrastive batch); a chunk that does not divide is refused."""
     one, cached = tmp_path / "one", tmp_path / "cached"
-    _run([*COMMON, "--data.queries", "4", "--run.steps", "3", "--run.out_dir", str(one)])
-    _run([*COMMON, "--data.queries", "4", "--run.steps", "3", "--run.out_dir", str(cached),
+    _run([*COMMON, "--data.queries", "4", "--run.steps", "2", "--run.out_dir", str(one)])
+    _run([*COMMON, "--data.queries", "4", "--run.steps", "2", "--run.out_dir", str(cached),
           "--contrastive.grad_cache", "true", "--contrastive.chunk", "1"])
-    for x, y in zip(_metrics(one), _metrics(cached), strict=True):
-        assert x["queries"] == y["queries"] == 4 and x["passages"] == y["passages"]
-        for k in ("loss", "accuracy", "grad_norm"):
-            assert x[k] == pytest.approx(y[k], rel=1e-5), (x["step"], k)
+    # and over 2 FSDP processes, each with 2 queries in chunks of 1, negatives shared across ranks
+    two = tmp_path / "two"
+    _run([*COMMON, "--data.queries", "2", "--run.steps", "2", "--run.out_dir", str(two),
+          "--contrastive.grad_cache", "true", "--contrastive.chunk", "1"], nproc=2)
+    for run in (cached, two):
+        for x, y in zip(_metrics(one), _metrics(run), strict=True):
+            assert x["queries"] == y["queries"] == 4 and x["passages"] == y["passages"]
+            for k in ("loss", "accuracy", "grad_norm"):
+                assert x[k] == pytest.approx(y[k], rel=1e-5), (run.name, x["step"], k)
     p = _run([*COMMON, "--data.queries", "4", "--run.steps", "1", "--run.out_dir", str(tmp_path / "bad"),
               "--contrastive.grad_cache", "true", "--contrastive.chunk", "3"], check=False)
     assert p.returncode != 0 and "must divide" in p.stderr

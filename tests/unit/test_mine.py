@@ -15,7 +15,7 @@ from llara_fast.encode import Encoder
 from llara_fast.encode import main as encode_main
 from llara_fast.mine import main
 
-N_DOCS, N_QUERIES = 60, 20
+N_DOCS, N_QUERIES = 40, 12
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def wiki_beir(tmp_path_factory) -> Path:
 
 def test_dense_negatives_come_from_the_window(tmp_path, wiki_beir):
     out = tmp_path / "mined.jsonl"
-    assert main(["--beir", str(wiki_beir), "--model", "debug", "--attn", "sdpa", "--rank-range", "5:30", "--k", "4",
+    assert main(["--beir", str(wiki_beir), "--model", "debug", "--attn", "sdpa", "--rank-range", "5:25", "--k", "4",
                  "--quiet", "--out", str(out)]) == 0
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == N_QUERIES
@@ -38,7 +38,7 @@ def test_dense_negatives_come_from_the_window(tmp_path, wiki_beir):
     queries = enc.encode_queries([r["query"] for r in recs]).numpy()
     order = np.argsort(-(queries @ docs.T), axis=1, kind="stable")  # (Q, D)
     for r, ranking in zip(recs, order):
-        window = {f"d{j}" for j in ranking[5:30]}
+        window = {f"d{j}" for j in ranking[5:25]}
         assert len(r["neg_ids"]) == 4 and set(r["neg_ids"]) <= window, r["query_id"]
         assert not set(r["neg_ids"]) & set(r["pos_ids"])
         assert r["neg"] == [paras[int(d[1:])] for d in r["neg_ids"]]
@@ -47,7 +47,7 @@ def test_dense_negatives_come_from_the_window(tmp_path, wiki_beir):
     # the same from precomputed corpus embeddings
     assert encode_main(["--model", "debug", "--attn", "sdpa", "--corpus", str(wiki_beir / "corpus.jsonl"), "--out",
                         str(tmp_path / "emb"), "--shard-size", "25", "--quiet"]) == 0
-    assert main(["--beir", str(wiki_beir), "--model", "debug", "--attn", "sdpa", "--rank-range", "5:30", "--k", "4",
+    assert main(["--beir", str(wiki_beir), "--model", "debug", "--attn", "sdpa", "--rank-range", "5:25", "--k", "4",
                  "--quiet", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "pre.jsonl")]) == 0
     assert (tmp_path / "pre.jsonl").read_text() == out.read_text()
     assert main(["--beir", str(wiki_beir), "--model", "debug", "--rank-range", "30:5", "--out", str(out)]) == 2
