@@ -143,7 +143,14 @@ class ContrastiveObjective:
         self.n_queries = 0  # the step's global number of queries, set by counts()
         self._cache: list = []  # GradCache, per micro-batch: (RNG state, embeddings, their gradient)
         self._parts: torch.Tensor | None = None
-        self.replay_error = 0.0  # GradCache: max |re-run - first embeddings| of the last step (0: exact replay)
+        self._next = 0
+        self._replay = torch.zeros(())  # GradCache: max |re-run - first embeddings| of the step, on the device
+
+    @property
+    def replay_error(self) -> float:
+        """GradCache: the largest difference between a re-run's embeddings and its first pass's in
+        the last step (0.0: the replay was exact). Reading it synchronises with the device."""
+        return float(self._replay)
 
     def check(self, micro_batches) -> None:
         for i, mb in enumerate(micro_batches):
@@ -182,7 +189,7 @@ class ContrastiveObjective:
         self._cache = [(rng, e, torch.cat([gq, gp])) for rng, e, gq, gp in zip(self._cache, embs, q_grads, p_grads)]
         self._cache.append(after)
         self._parts = torch.stack([loss.detach().float(), hits.float()])
-        self._next, self.replay_error = 0, 0.0
+        self._next, self._replay = 0, torch.zeros((), device=device)
 
     def forward(self, module: nn.Module, mb, counts: torch.Tensor, device: torch.device):
         batch, special = mb.batch.to(device, non_blocking=True), mb.special.to(device)
@@ -192,7 +199,8 @@ class ContrastiveObjective:
         rng, first, grad = self._cache[self._next]
         _set_rng_state(rng, device)
         surrogate, emb = module(batch, special, mb.n_queries, mb.group, self.n_queries, grad)
-        self.replay_error = max(self.replay_error, float((emb - first).abs().max()) if emb.numel() else 0.0)
+        if emb.numel():
+            self._replay = torch.maximum(self._replay, (emb - first).abs().max())  # no host sync here
         parts = self._parts if self._next == 0 else torch.zeros_like(self._parts)  # the step's, logged once
         self._next += 1
         if self._next == len(self._cache) - 1:
