@@ -167,7 +167,7 @@ class IndexConfig:
     """A faiss index over the corpus; 0 = the default for the corpus size N and dim d."""
     kind: str = "flat"     # flat: exact (IndexFlatIP); hnsw, ivf, ivfpq: approximate
     nlist: int = 0         # ivf*: inverted lists (4·sqrt(N), at most N/39 so each list trains on 39 points)
-    nprobe: int = 0        # ivf*: lists visited per query (max(16, nlist/16), at most nlist)
+    nprobe: int = 0        # ivf*: lists visited per query (max(32, nlist/8), at most nlist)
     hnsw_m: int = 32       # hnsw: links per node
     ef_search: int = 0     # hnsw: search breadth (max(128, 2k))
     pq_m: int = 0          # ivfpq: sub-quantizers of 8 bits (the largest divisor of d up to min(64, d/4))
@@ -203,7 +203,7 @@ def build_index(doc_emb: np.ndarray, cfg: IndexConfig, k: int):
         rng = np.random.default_rng(cfg.seed)
         train = doc_emb if n <= 256 * nlist else doc_emb[np.sort(rng.choice(n, 256 * nlist, replace=False))]
         index.train(train)
-        index.nprobe = min(nlist, cfg.nprobe or max(16, nlist // 16))
+        index.nprobe = min(nlist, cfg.nprobe or max(32, nlist // 8))
         params.update(nlist=nlist, nprobe=index.nprobe)
     if cfg.kind != "hnsw" and _faiss_gpus() > 0:  # faiss has no GPU HNSW
         index = faiss.index_cpu_to_all_gpus(index)
@@ -452,7 +452,7 @@ def main(argv=None):
                     help="faiss index: flat (exact, default) or approximate hnsw / ivf / ivfpq, whose recall@100 "
                          "against exact search is reported")
     ap.add_argument("--nlist", type=int, default=0, help="ivf*: inverted lists (0: 4*sqrt(N), at most N/39)")
-    ap.add_argument("--nprobe", type=int, default=0, help="ivf*: lists searched (0: max(16, nlist/16))")
+    ap.add_argument("--nprobe", type=int, default=0, help="ivf*: lists searched (0: max(32, nlist/8))")
     ap.add_argument("--ef-search", type=int, default=0, help="hnsw: search breadth (0: max(128, 2k))")
     ap.add_argument("--pq-m", type=int, default=0, help="ivfpq: sub-quantizers (0: largest divisor of d <= 64)")
     args = ap.parse_args(argv)

@@ -272,7 +272,7 @@ def test_approximate_indexes_report_recall_against_exact():
         _, i, info = search_index(docs, qs, 100, IndexConfig(kind))
         assert i.shape == (60, 100)
         assert floor <= info["recall@100_vs_exact"] <= 1.0, (kind, info)
-    assert info["nlist"] == 4000 // 39 and info["nprobe"] == 16 and info["pq_m"] == 8  # the documented defaults
+    assert info["nlist"] == 4000 // 39 and info["nprobe"] == 32 and info["pq_m"] == 8  # the documented defaults
     _, i, low = search_index(docs, qs, 100, IndexConfig("ivf", nlist=100, nprobe=1))
     _, i, high = search_index(docs, qs, 100, IndexConfig("ivf", nlist=100, nprobe=100))
     assert low["recall@100_vs_exact"] < high["recall@100_vs_exact"] == pytest.approx(1.0, abs=1e-3)
