@@ -1,7 +1,8 @@
 """Contrastive fine-tuning pairs: the FlagEmbedding JSONL, and a BEIR -> pairs converter.
 
     python -m llara_fast.data.pairs --beir DIR [--split train] [--negatives bm25|random] \\
-        [--k 7] [--seed 0] --out FILE.jsonl
+        [--k 7] [--seed 0] [--rank-range LO:HI] --out FILE.jsonl
+    python -m llara_fast.data.pairs --beir DIR --mining dense --model M [--rank-range 30:200] --out FILE.jsonl
 
 Format (FlagEmbedding's fine-tuning data, read unchanged): one JSON object per line,
 ``{"query": str, "pos": [str, ...], "neg": [str, ...]}``. Other keys are ignored; a missing
@@ -34,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 import warnings
@@ -359,14 +361,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llara_fast.data.pairs", description=main.__doc__)
     p.add_argument("--beir", required=True, help="BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/)")
     p.add_argument("--split", default="train", help="qrels split (qrels/<split>.tsv); default train")
-    p.add_argument("--negatives", choices=("bm25", "random"), default="bm25",
-                   help="top BM25 hits that are not relevant, or a uniform random sample; default bm25 "
-                        "(negatives mined by a dense model: python -m llara_fast.mine)")
+    p.add_argument("--negatives", "--mining", choices=("bm25", "random", "dense"), default="bm25",
+                   help="top BM25 hits that are not relevant, a uniform random sample, or dense: mined by --model "
+                        "itself (runs python -m llara_fast.mine); default bm25")
+    p.add_argument("--model", help="with --mining dense: the model that ranks (preset, HF dir, checkpoint)")
+    p.add_argument("--embeddings", help="with --mining dense: the corpus's shards from llara_fast.encode --corpus")
     p.add_argument("--k", type=int, default=7, help="negatives per query; default 7")
     p.add_argument("--seed", type=int, default=0, help="seed of the random negatives; default 0")
     p.add_argument("--rank-range", help="draw the negatives from the BM25 hits at ranks LO+1..HI, e.g. 10:100")
     p.add_argument("--out", required=True, help="output JSONL file")
     a = p.parse_args(argv)
+    if a.negatives == "dense":
+        return _run_dense_miner(p, a)
     t0 = time.perf_counter()
     counts: Counter = Counter()
     try:
@@ -379,6 +385,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pairs: {len(records)} records ({a.negatives}, k={a.k}) -> {a.out} in {time.perf_counter() - t0:.1f}s; "
           f"{summary}")
     return 0
+
+
+def _run_dense_miner(p: argparse.ArgumentParser, a) -> int:
+    """Dense mining needs the encoder, which this layer does not import: hand the same request to
+    its entry point, python -m llara_fast.mine, in a child process."""
+    if not a.model:
+        p.error("--mining dense needs --model")
+    cmd = [sys.executable, "-m", "llara_fast.mine", "--beir", a.beir, "--split", a.split, "--model", a.model,
+           "--k", str(a.k), "--seed", str(a.seed), "--out", a.out]
+    cmd += ["--rank-range", a.rank_range] if a.rank_range else []
+    cmd += ["--embeddings", a.embeddings] if a.embeddings else []
+    return subprocess.call(cmd)
 
 
 if __name__ == "__main__":

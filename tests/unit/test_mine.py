@@ -50,6 +50,10 @@ def test_dense_negatives_come_from_the_window(tmp_path, wiki_beir):
     assert main(["--beir", str(wiki_beir), "--model", "debug", "--attn", "sdpa", "--rank-range", "5:25", "--k", "4",
                  "--quiet", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "pre.jsonl")]) == 0
     assert (tmp_path / "pre.jsonl").read_text() == out.read_text()
+    # the spelling, python -m llara_fast.data.pairs --mining dense, runs the same miner
+    run_entry(["-m", "llara_fast.data.pairs"], ["--beir", str(wiki_beir), "--mining", "dense", "--model", "debug",
+                                                "--rank-range", "5:25", "--k", "4", "--out", str(tmp_path / "p.jsonl")])
+    assert (tmp_path / "p.jsonl").read_text() == out.read_text()
     assert main(["--beir", str(wiki_beir), "--model", "debug", "--rank-range", "30:5", "--out", str(out)]) == 2
 
 
