@@ -25,6 +25,7 @@ def wiki_beir(tmp_path_factory) -> Path:
     return write_wiki_beir(tmp_path_factory.mktemp("wiki") / "ds", N_DOCS, N_QUERIES, "train", extra)
 
 
+@pytest.mark.e2e  # runs the data.pairs command in a subprocess
 def test_dense_negatives_come_from_the_window(tmp_path, wiki_beir):
     out = tmp_path / "mined.jsonl"
     assert main(["--beir", str(wiki_beir), "--model", "debug", "--attn", "sdpa", "--rank-range", "5:25", "--k", "4",
