@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -140,6 +141,22 @@ def model_identity(enc: Encoder) -> dict:
     return {"weights": h.hexdigest()[:32], "tokenizer": tokenizer_fingerprint(enc.tokenizer),
             "prompts": [enc.prompts.prefix, enc.prompts.sum_string()], "max_len": enc.max_len,
             "compute_dtype": str(enc.dtype).replace("torch.", ""), "dim": enc.model.args.dim}
+
+
+def read_embeddings(path: str, enc: Encoder) -> tuple[list[str], np.ndarray, Counter]:
+    """(ids, (n, d) float32 vectors, counts) of `encode --corpus` shards, refused when another
+    model made them (weights, tokenizer, prompts or dim differ); a different text cap or compute
+    dtype is only counted (e.g. bf16 shards from a GPU, queries on a CPU)."""
+    store = EmbeddingShards(path)
+    ids, emb, counts = store.read()
+    made_by, now = store.manifest()["model"], model_identity(enc)
+    for key in ("weights", "tokenizer", "prompts", "dim"):
+        if made_by.get(key) != now.get(key):
+            raise UserError(f"{path}: made by another model ({key} differs); encode the corpus with this model")
+    for key in ("max_len", "compute_dtype"):
+        if made_by.get(key) != now.get(key):
+            counts[f"embeddings_{key}_{made_by.get(key)}_queries_{now.get(key)}"] += 1
+    return ids, emb, counts
 
 
 @dataclass(frozen=True)

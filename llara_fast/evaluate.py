@@ -46,9 +46,8 @@ import torch.nn.functional as F
 from transformers import AutoModel
 
 from llara_fast.data.beir import REASONS, load_beir
-from llara_fast.encode import Encoder, model_identity
+from llara_fast.encode import Encoder, read_embeddings
 from llara_fast.errors import UserError
-from llara_fast.io.embeddings import EmbeddingShards
 from llara_fast.io.export import ExportOptions, export
 
 try:  # faiss-cpu (requirements.txt) or faiss-gpu (pip install 'llara-fast[gpu]')
@@ -348,17 +347,8 @@ def corpus_side(args, enc: Encoder, data) -> tuple[list[str], np.ndarray, dict, 
             "passage_tokens_per_s": round(st["tokens"] / st["seconds"], 1)}, counts
     if args.max_docs:
         raise UserError("--max-docs draws a subset of the corpus it encodes; --embeddings brings its own corpus")
-    store = EmbeddingShards(args.embeddings)
     t0 = time.perf_counter()
-    doc_ids, emb, emb_counts = store.read()
-    made_by, now = store.manifest()["model"], model_identity(enc)
-    for key in ("weights", "tokenizer", "prompts", "dim"):
-        if made_by.get(key) != now.get(key):
-            raise UserError(f"{args.embeddings}: made by another model than {args.model} ({key} differs); "
-                            "encode the corpus with this model")
-    for key in ("max_len", "compute_dtype"):
-        if made_by.get(key) != now.get(key):
-            counts[f"embeddings_{key}_{made_by.get(key)}_queries_{now.get(key)}"] += 1
+    doc_ids, emb, emb_counts = read_embeddings(args.embeddings, enc)
     counts.update(emb_counts)
     return doc_ids, emb, {"read_embeddings_s": round(time.perf_counter() - t0, 2)}, counts
 

@@ -22,10 +22,9 @@ from collections import Counter
 import numpy as np
 
 from llara_fast.data.pairs import Ranker, beir_to_pairs, parse_rank_range, write_pairs
-from llara_fast.encode import Encoder, model_identity
+from llara_fast.encode import Encoder, read_embeddings
 from llara_fast.errors import UserError
 from llara_fast.evaluate import search
-from llara_fast.io.embeddings import EmbeddingShards
 
 DEFAULT_RANGE = "30:200"
 
@@ -46,12 +45,7 @@ def dense_ranker(enc: Encoder, embeddings: str | None = None, progress: bool = T
 
 
 def _read_embeddings(path: str, enc: Encoder, doc_ids: list[str]) -> np.ndarray:
-    store = EmbeddingShards(path)
-    ids, emb, _ = store.read()
-    made_by, now = store.manifest()["model"], model_identity(enc)
-    for key in ("weights", "tokenizer", "prompts", "dim"):
-        if made_by.get(key) != now.get(key):
-            raise UserError(f"{path}: made by another model ({key} differs); encode the corpus with this model")
+    ids, emb, _ = read_embeddings(path, enc)
     row = {d: i for i, d in enumerate(ids)}
     missing = [d for d in doc_ids if d not in row]
     if missing:
