@@ -179,6 +179,8 @@ def _bow(logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, p
 
 def reference_loss(logits: torch.Tensor, batch: PaddedBatch, cfg: LossConfig = LossConfig()):
     """(total, lm, ebae, ebar) from the logits of every position (B, L, V)."""
+    if cfg.tasks != "ebae,ebar":
+        raise ValueError(f"the released recipe trains EBAE and EBAR together; loss tasks {cfg.tasks!r} is ours only")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (B, L, V) fp32, every position
     V = logits.shape[-1]
     lm = F.cross_entropy(logits[:, :-1].reshape(-1, V), batch.labels[:, 1:].reshape(-1), ignore_index=-100)

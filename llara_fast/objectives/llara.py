@@ -2,7 +2,8 @@
 
     total = w_lm · LM + w_bow · (mean_i EBAE_i + mean_i EBAR_i) / 2
 
-LM is the next-token CE over the TEXT tokens of the batch; EBAE / EBAR are the pooled
+(``tasks`` = "ebae" or "ebar" keeps one of the two, for ablations: total = w_lm · LM + w_bow · that
+task's mean; the other is still computed, without a graph, and logged.) LM is the next-token CE over the TEXT tokens of the batch; EBAE / EBAR are the pooled
 bag-of-words CEs at <s1>..<sK> / <s9>..<s(8+K)>, each averaged over the examples whose
 target set is not empty. All logits are fp32 (accumulated in fp32 from the compute dtype).
 """
@@ -22,6 +23,7 @@ from llara_fast.kernels.linear_xent import linear_xent
 from llara_fast.kernels.reference import bow_xent_reference, linear_xent_reference
 
 IMPLS = ("auto", "triton", "torch", "reference")
+TASKS = ("ebae,ebar", "ebae", "ebar")
 
 
 @dataclass
@@ -30,8 +32,12 @@ class LossConfig:
     w_bow: float = opt(0.1, "weight of (EBAE + EBAR) / 2 (the released code divides each by 10)")
     pooling: str = opt("max", "pooling of the K special rows: max (the released code) or mean")
     impl: str = opt("auto", "auto (Triton on GPU, chunked PyTorch on CPU), triton, torch, reference")
+    tasks: str = opt("ebae,ebar", "bag-of-words tasks trained: ebae,ebar (the recipe), or ebae / ebar alone "
+                     "(an ablation: w_bow times that task's loss; the other is still logged)")
 
     def __post_init__(self):
+        if self.tasks not in TASKS:
+            raise ValueError(f"loss tasks must be one of {TASKS}, got {self.tasks!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"loss impl must be one of {IMPLS}, got {self.impl!r}")
         if self.pooling not in ("max", "mean"):
@@ -83,13 +89,16 @@ def llara_loss(hidden: torch.Tensor, batch: PackedBatch, head_weight: torch.Tens
             lm_sum = linear_xent(h, head_weight, batch.lm_targets, impl=cfg.impl) * M
     else:
         lm_sum = zero
-    ebae_sum, n_ebae = _bow_sum(hidden, batch.sum_positions, batch.sum_offsets, batch.sum_ids, head_weight, cfg)
-    ebar_sum, n_ebar = _bow_sum(hidden, batch.pred_positions, batch.pred_offsets, batch.pred_ids, head_weight, cfg)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and "ebae" in cfg.tasks):
+        ebae_sum, n_ebae = _bow_sum(hidden, batch.sum_positions, batch.sum_offsets, batch.sum_ids, head_weight, cfg)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and "ebar" in cfg.tasks):
+        ebar_sum, n_ebar = _bow_sum(hidden, batch.pred_positions, batch.pred_offsets, batch.pred_ids, head_weight, cfg)
     if denominators is None:
         denominators = torch.stack([torch.tensor(float(M), device=hidden.device), n_ebae.float(), n_ebar.float()])
     d = denominators.to(hidden.device, torch.float32).clamp(min=1)
     lm, ebae, ebar = lm_sum / d[0], ebae_sum / d[1], ebar_sum / d[2]
-    total = cfg.w_lm * lm + cfg.w_bow * (ebae + ebar) / 2
+    bow = {"ebae,ebar": (ebae + ebar) / 2, "ebae": ebae, "ebar": ebar}[cfg.tasks]
+    total = cfg.w_lm * lm + cfg.w_bow * bow
     return LossOutput(total, lm.detach(), ebae.detach(), ebar.detach(), n_ebae, n_ebar)
 
 

@@ -13,6 +13,7 @@ from llara_fast.batch import Example
 from llara_fast.config import ModelArgs
 from llara_fast.data.packing import pack_reference
 from llara_fast.io.hf import ours_to_hf
+from llara_fast.kernels.reference import bow_xent_reference
 from llara_fast.model import Transformer
 from llara_fast.objectives.llara import LossConfig, llara_loss
 
@@ -154,6 +155,36 @@ def test_weights_and_empty_sets():
     assert no_lm.lm.item() == 0.0
     with pytest.raises(ValueError, match="loss impl"):
         LossConfig(impl="cuda")
+
+
+@pytest.mark.parametrize("tasks", ["ebae", "ebar"])
+def test_single_task_ablation(tasks):
+    """loss.tasks = ebae or ebar: the total is w_lm·LM + w_bow·(that task), its gradient is that
+    expression's, and the other task is logged with the value it has in the full objective."""
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=60, ffn_hidden=24)
+    model = Transformer(args, attn_backend="sdpa")
+    model.init_weights(seed=3)
+    tpl = toy_template(60)
+    b = pack_reference(random_examples(np.random.default_rng(3), [6, 9], 60, n_targets=(1, 8)), tpl, 100)
+    h = model(b).detach().double().requires_grad_(True)
+    w = model.lm_head_weight.detach().double().requires_grad_(True)
+    full = llara_loss(h, b, w, LossConfig(impl="reference"))
+    one = llara_loss(h, b, w, LossConfig(impl="reference", tasks=tasks))
+    kept = full.ebae if tasks == "ebae" else full.ebar
+    torch.testing.assert_close(one.total, full.lm + 0.1 * kept, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.stack([one.ebae, one.ebar]), torch.stack([full.ebae, full.ebar]), rtol=0, atol=0)
+    g_one = torch.autograd.grad(one.total, (h, w))
+    pos, offs, ids = ((b.sum_positions, b.sum_offsets, b.sum_ids) if tasks == "ebae"
+                      else (b.pred_positions, b.pred_offsets, b.pred_ids))
+    per_ex, valid = bow_xent_reference(h[pos], w, offs, ids, "max")  # (E,), (E,)
+    expect = llara_loss(h, b, w, LossConfig(impl="reference", w_bow=0.0)).total + 0.1 * (per_ex * valid).sum() / valid.sum()
+    for a, e in zip(g_one, torch.autograd.grad(expect, (h, w))):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-15)
+    # the dropped task's special rows get no gradient at all
+    dropped = b.pred_positions if tasks == "ebae" else b.sum_positions
+    assert g_one[0][dropped].abs().max() == 0 and g_one[0][pos].abs().max() > 0
+    with pytest.raises(ValueError, match="loss tasks"):
+        LossConfig(tasks="ebae+ebar")
 
 
 def test_train_step_rejects_out_of_vocab_ids():
