@@ -190,15 +190,21 @@ def write_pairs(pairs: Iterable[Pair | dict], path: str | os.PathLike) -> int:
 
 
 # ---- BEIR -> pairs ----------------------------------------------------------------------------
-def _bm25_ranked(doc_texts: list[str], query_texts: list[str], depth: int) -> list[list[int]]:
-    """Top ``depth`` corpus indices per query by BM25 score (best first)."""
+def bm25_search(doc_texts: list[str], query_texts: list[str], depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """BM25 (bm25s, English stop words): the top ``depth`` corpus indices per query, best first,
+    and their scores, both (Q, min(depth, N))."""
     if bm25s is None:
         raise RuntimeError("bm25s is not installed: pip install bm25s (or use negatives='random')")
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(doc_texts, stopwords="en", show_progress=False), show_progress=False)
     query_tokens = bm25s.tokenize(query_texts, stopwords="en", return_ids=False, show_progress=False)
-    docs, _scores = retriever.retrieve(query_tokens, k=min(depth, len(doc_texts)), show_progress=False)
-    return docs.tolist()  # (Q, depth)
+    docs, scores = retriever.retrieve(query_tokens, k=min(depth, len(doc_texts)), show_progress=False)
+    return docs, scores  # (Q, depth) each
+
+
+def _bm25_ranked(doc_texts: list[str], query_texts: list[str], depth: int) -> list[list[int]]:
+    """Top ``depth`` corpus indices per query by BM25 score (best first)."""
+    return bm25_search(doc_texts, query_texts, depth)[0].tolist()  # (Q, depth)
 
 
 def _random_ranked(n_docs: int, n_queries: int, depth: int, seed: int) -> list[list[int]]:
