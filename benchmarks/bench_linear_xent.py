@@ -8,7 +8,8 @@ materialised-logits reference: time and peak memory, forward and forward+backwar
 Shapes: hidden (M, d) at the M text positions (--tokens), weight (V, d), uniform random targets.
 - ``ours``: ``linear_xent(..., chunk_rows, impl)``; auto = GEMMs + the Triton row kernel on
   CUDA, GEMMs + the PyTorch row pass on CPU; --chunk-rows default = the kernel's
-  (``default_chunk_rows(V)``, a 512 MiB fp32 logits budget per chunk). With grad, ours does
+  (``default_chunk_rows(V, M, device)``: the fewest equal chunks whose fp32 logits stay under
+  ``CHUNK_BUDGET_BYTES``, 1 GiB on CUDA, 256 MiB on CPU). With grad, ours does
   all three GEMMs per chunk in its forward and only scales the stored gradients in backward;
   without, it skips the two gradient GEMMs;
 - ``reference``: ``linear_xent_reference``, fp32 (M, V) logits and F.cross_entropy through
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     inp = make_inputs(a, device, dtype)
     cases = make_cases(a, inp)
     M, d, V = a.tokens, a.dim, a.vocab
-    rows = min(a.chunk_rows or default_chunk_rows(V), M)
+    rows = min(a.chunk_rows or default_chunk_rows(V, M, device.type), M)
 
     def check() -> dict:
         with torch.no_grad():
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return {"loss_abs_diff": (loss - ref).abs().item()}
 
     meta = {"dtype": str(dtype).replace("torch.", ""), "impl": a.impl, "M": M, "d": d, "V": V,
-            "chunk_rows": a.chunk_rows or default_chunk_rows(V), "chunk_rows_default": a.chunk_rows is None}
+            "chunk_rows": rows, "chunk_rows_default": a.chunk_rows is None}
     notes = lambda: (f"sizes: fp32 (M, V) logits {M * V * 4 / 2**20:.1f} MiB; one chunk of fp32 logits "  # noqa: E731
                      f"{rows * V * 4 / 2**20:.1f} MiB ({rows} rows); weight (V, d) "
                      f"{V * d * inp['weight'].element_size() / 2**20:.1f} MiB")

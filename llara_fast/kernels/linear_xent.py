@@ -80,9 +80,19 @@ def _check(hidden, weight, targets):
                              f"[0, {weight.shape[0]})")
 
 
-def default_chunk_rows(vocab: int, budget_bytes: int = 32 * 2**20) -> int:
-    """Rows per chunk so that one chunk of fp32 logits stays under budget_bytes."""
-    return max(16, min(8192, budget_bytes // (4 * vocab)) // 16 * 16)
+CHUNK_BUDGET_BYTES = {"cuda": 2**30, "cpu": 256 * 2**20}  # one chunk's logits, counted as fp32
+
+
+def default_chunk_rows(vocab: int, rows: int, device_type: str = "cpu") -> int:
+    """Rows per chunk: as few chunks as the memory budget allows (each chunk re-reads the (V, d)
+    weight and accumulates the fp32 (V, d) head gradient once), of equal size. The budget bounds
+    one chunk's logits counted at 4 bytes each (the CPU row pass makes fp32 temporaries of that
+    size): 1 GiB on CUDA, 256 MiB elsewhere. From shapes alone, so no host synchronisation."""
+    budget = CHUNK_BUDGET_BYTES.get(device_type, CHUNK_BUDGET_BYTES["cpu"])
+    most = max(16, min(16384, budget // (4 * vocab)) // 16 * 16)
+    n_chunks = max(1, -(-rows // most))  # ceil
+    per_chunk = -(-rows // n_chunks)  # ceil: equal chunks
+    return max(16, min(most, (per_chunk + 15) // 16 * 16))
 
 
 def linear_xent_forward(hidden, weight, targets, chunk_rows: int | None = None, need_grad: bool = True,
@@ -91,7 +101,7 @@ def linear_xent_forward(hidden, weight, targets, chunk_rows: int | None = None, 
     _check(hidden, weight, targets)
     triton_rows = use_triton(hidden.device, impl)
     M, V = hidden.shape[0], weight.shape[0]
-    chunk = chunk_rows or default_chunk_rows(V)
+    chunk = chunk_rows or default_chunk_rows(V, M, hidden.device.type)
     losses = _empty((M,), device=hidden.device, dtype=torch.float32)  # (M,)
     grad_h = _empty(hidden.shape, device=hidden.device, dtype=hidden.dtype) if need_grad else None  # (M, d)
     grad_w = None

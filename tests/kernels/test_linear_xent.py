@@ -78,3 +78,18 @@ def test_bad_input():
         linear_xent(h, w, torch.zeros(4))
     with pytest.raises(ValueError, match=r"hidden \(M, d\)"):
         linear_xent(h, torch.randn(30, 9), torch.tensor([1, 2, 3, 0]))
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+@pytest.mark.parametrize("vocab", [60, 32000, 49168, 151936])
+def test_default_chunk_rows(vocab, device_type):
+    """The fewest chunks the logits budget allows, of equal size (a multiple of 16): each chunk
+    costs one more pass over the (V, d) weight and one more fp32 head-gradient accumulation."""
+    budget = lx_mod.CHUNK_BUDGET_BYTES[device_type]
+    most = budget // (4 * vocab) // 16 * 16
+    for rows in (1, 17, 383, 1146, 4096, 16384, 100_000):
+        c = lx_mod.default_chunk_rows(vocab, rows, device_type)
+        n = -(-rows // c)
+        assert c % 16 == 0 and c <= max(16, min(16384, most))
+        assert n == max(1, -(-rows // max(16, min(16384, most)))), (rows, c)  # no more chunks than needed
+        assert c - 16 < -(-rows // n) <= c  # equal chunks: the last is at most 16 rows short of the others
