@@ -2,7 +2,8 @@
 
     python benchmarks/throughput.py [--model PRESET|DIR] [--layers L] [--impl ours|reference|both]
         [--steps N] [--warmup W] [--passages-per-step P] [--max-len N] [--dtype auto|fp32|bf16]
-        [--compile] [--attn BACKEND] [--loss-impl IMPL] [--ac none|selective|full] [--token-budget T]
+        [--compile] [--attn BACKEND] [--loss-impl IMPL] [--lm-chunk-rows N] [--ac none|selective|full] [--token-budget T]
+        [--profile FILE.json]
         [--ref-precision deepspeed|autocast] [--synthetic] [--random-init] [--tokenizer PATH]
         [--device auto|cpu|cuda] [--lr LR] [--seed S]
 
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import os
@@ -75,6 +77,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference_llara  # noqa: E402
 from _bench_util import _malloc_trim, _proc_status_kib, _reset_rss_peak, device_label, versions  # noqa: E402
+from profile_breakdown import format_breakdown, profile_step  # noqa: E402
 
 from llara_fast.batch import Example  # noqa: E402
 from llara_fast.config import PRESETS, ModelArgs, mfu, peak_tflops_for  # noqa: E402
@@ -110,6 +113,10 @@ def parse_args(argv=None):
     p.add_argument("--attn", default="auto", help="ours: attention backend (auto, sdpa, torch_varlen, flash_attn, flex)")
     p.add_argument("--loss-impl", default="auto", choices=["auto", "triton", "torch", "reference"],
                    help="ours: LossConfig.impl (auto: Triton kernels on GPU, chunked PyTorch on CPU)")
+    p.add_argument("--lm-chunk-rows", type=int, default=0,
+                   help="ours: rows per chunk of the fused LM loss (0: the kernel's default; 256 = the old 32 MiB chunks at V=32k)")
+    p.add_argument("--profile", default=None, metavar="FILE.json",
+                   help="ours: one more step under torch.profiler after the timed ones, grouped (profile_breakdown.py)")
     p.add_argument("--ac", default="none", choices=["none", "selective", "full"], help="ours: activation checkpointing")
     p.add_argument("--token-budget", type=int, default=0,
                    help="ours: tokens per micro-batch (0: all P passages in one micro-batch)")
@@ -122,6 +129,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = a.device == "cuda"
@@ -234,7 +242,8 @@ def run_ours(a, pristine, step_batches, device, dtype) -> dict:
     cfg.optim = OptimConfig(lr=a.lr, weight_decay=0.0, warmup_steps=0, decay="constant", grad_clip=1.0)
     cfg.run.device, cfg.run.dtype, cfg.run.steps = device.type, str(dtype).removeprefix("torch."), len(step_batches)
     trainer = Trainer(cfg, "throughput", default_steps=(1, 1))
-    trainer.build(model, LlaraTrainModule(model, LossConfig(impl=a.loss_impl)), LlaraObjective(model.args.vocab_size))
+    loss_cfg = LossConfig(impl=a.loss_impl, lm_chunk_rows=a.lm_chunk_rows)
+    trainer.build(model, LlaraTrainModule(model, loss_cfg), LlaraObjective(model.args.vocab_size))
     times, losses = [], []
     for batches in step_batches:
         sync(device)
@@ -244,6 +253,12 @@ def run_ours(a, pristine, step_batches, device, dtype) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append([r.loss, r.lm, r.ebae, r.ebar])
     peak = mem.peak()
+    if a.profile:  # after the peak: the profiler's own buffers are not the step's memory
+        report = profile_step(functools.partial(trainer.step, step_batches[-1]), device)
+        report["command"] = "python benchmarks/throughput.py " + " ".join(a.argv)
+        with open(a.profile, "w") as f:
+            json.dump(report, f, indent=1)
+        print(format_breakdown(report, f"ours, {a.model}, {'synthetic' if a.synthetic else 'wiki-sample'}"))
     del trainer, model
     return {"times": times, "losses": losses, "peak_bytes": peak}
 
@@ -361,7 +376,7 @@ def main(argv=None) -> dict:
             "dtype": a.dtype, "data": "synthetic" if a.synthetic else "wiki-sample", "max_len": a.max_len,
             "passages_per_step": P, "micro_batches_ours": len(ours_batches[0]), "steps": a.steps,
             "warmup": a.warmup, "ref_precision": a.ref_precision if dtype != torch.float32 else "fp32",
-            "attn": a.attn, "loss_impl": a.loss_impl, "compile": a.compile, "ac": a.ac,
+            "attn": a.attn, "loss_impl": a.loss_impl, "lm_chunk_rows": a.lm_chunk_rows, "compile": a.compile, "ac": a.ac,
             "mean_passage_tokens": round(float(np.mean([len(e.text_ids) for e in examples])), 1),
             "peak_bf16_tflops": peak, "load_avg_1m_at_start": load0, "malloc_tuned": malloc_tuned}
     print_table(meta, results, ratio)

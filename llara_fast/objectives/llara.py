@@ -32,10 +32,13 @@ class LossConfig:
     w_bow: float = opt(0.1, "weight of (EBAE + EBAR) / 2 (the released code divides each by 10)")
     pooling: str = opt("max", "pooling of the K special rows: max (the released code) or mean")
     impl: str = opt("auto", "auto (Triton on GPU, chunked PyTorch on CPU), triton, torch, reference")
+    lm_chunk_rows: int = opt(0, "rows per chunk of the fused LM loss (0: the fewest chunks its memory budget allows)")
     tasks: str = opt("ebae,ebar", "bag-of-words tasks trained: ebae,ebar (the recipe), or ebae / ebar alone "
                      "(an ablation: w_bow times that task's loss; the other is still logged)")
 
     def __post_init__(self):
+        if self.lm_chunk_rows < 0:
+            raise ValueError(f"loss lm_chunk_rows must be >= 0, got {self.lm_chunk_rows}")
         if self.tasks not in TASKS:
             raise ValueError(f"loss tasks must be one of {TASKS}, got {self.tasks!r}")
         if self.impl not in IMPLS:
@@ -86,7 +89,7 @@ def llara_loss(hidden: torch.Tensor, batch: PackedBatch, head_weight: torch.Tens
         if cfg.impl == "reference":
             lm_sum = linear_xent_reference(h, head_weight, batch.lm_targets) * M
         else:
-            lm_sum = linear_xent(h, head_weight, batch.lm_targets, impl=cfg.impl) * M
+            lm_sum = linear_xent(h, head_weight, batch.lm_targets, cfg.lm_chunk_rows or None, impl=cfg.impl) * M
     else:
         lm_sum = zero
     with torch.set_grad_enabled(torch.is_grad_enabled() and "ebae" in cfg.tasks):

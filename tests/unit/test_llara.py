@@ -13,6 +13,7 @@ from llara_fast.batch import Example
 from llara_fast.config import ModelArgs
 from llara_fast.data.packing import pack_reference
 from llara_fast.io.hf import ours_to_hf
+from llara_fast.kernels.linear_xent import linear_xent
 from llara_fast.kernels.reference import bow_xent_reference
 from llara_fast.model import Transformer
 from llara_fast.objectives.llara import LossConfig, llara_loss
@@ -201,3 +202,23 @@ def test_train_step_rejects_out_of_vocab_ids():
     with pytest.raises(ValueError, match="sum_ids holds id 60, outside the model's vocabulary"):
         optimizer_step(module, [b], build_optimizer(module, 1e-3, 0.0), None, LlaraObjective(60),
                        device=torch.device("cpu"))
+
+
+def test_lm_chunk_rows(monkeypatch):
+    """loss.lm_chunk_rows only re-chunks the fused LM loss: the same value to fp32 rounding (each
+    row's loss is computed alone; only the GEMM's blocking may differ with the chunk's rows)."""
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=60, ffn_hidden=24)
+    model = Transformer(args, attn_backend="sdpa")
+    model.init_weights(seed=4)
+    b = pack_reference(random_examples(np.random.default_rng(4), [30, 41], 60, n_targets=(1, 8)), toy_template(60), 200)
+    h = model(b).detach()
+    w = model.lm_head_weight.detach()
+    import llara_fast.objectives.llara as obj
+    seen = []
+    monkeypatch.setattr(obj, "linear_xent", lambda *a, **k: seen.append(a[3]) or linear_xent(*a, **k))
+    whole = llara_loss(h, b, w, LossConfig(impl="torch"))
+    chunked = llara_loss(h, b, w, LossConfig(impl="torch", lm_chunk_rows=16))
+    assert seen == [None, 16] and b.lm_positions.numel() > 32  # several chunks
+    torch.testing.assert_close(chunked.lm, whole.lm, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="lm_chunk_rows"):
+        LossConfig(lm_chunk_rows=-1)
