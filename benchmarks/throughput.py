@@ -4,7 +4,7 @@
         [--steps N] [--warmup W] [--passages-per-step P] [--max-len N] [--dtype auto|fp32|bf16]
         [--compile] [--attn BACKEND] [--loss-impl IMPL] [--lm-chunk-rows N] [--ac none|selective|full] [--token-budget T]
         [--profile FILE.json]
-        [--ref-precision deepspeed|autocast] [--synthetic] [--random-init] [--tokenizer PATH]
+        [--ref-precision deepspeed|autocast] [--synthetic | --data-dir DIR] [--random-init] [--tokenizer PATH]
         [--device auto|cpu|cuda] [--lr LR] [--seed S]
 
 Yardsticks on a GPU (results in benchmarks/results/throughput-h100-*.md):
@@ -65,6 +65,7 @@ import argparse
 import copy
 import functools
 import gc
+import itertools
 import json
 import os
 import sys
@@ -83,6 +84,7 @@ from llara_fast.batch import Example  # noqa: E402
 from llara_fast.config import PRESETS, ModelArgs, mfu, peak_tflops_for  # noqa: E402
 from llara_fast.data.native import pack_greedy
 from llara_fast.data.packing import example_num_tokens
+from llara_fast.data.shards import ExampleStream, ShardedDataset  # noqa: E402
 from llara_fast.io.load import load as load_model  # noqa: E402
 from llara_fast.objectives.llara import LlaraObjective, LlaraTrainModule, LossConfig  # noqa: E402
 from llara_fast.pretrain import PretrainConfig  # noqa: E402
@@ -121,6 +123,10 @@ def parse_args(argv=None):
     p.add_argument("--token-budget", type=int, default=0,
                    help="ours: tokens per micro-batch (0: all P passages in one micro-batch)")
     p.add_argument("--synthetic", action="store_true", help="random ids, lengths ~ N(500, 40) cut at max_len")
+    p.add_argument("--data-dir", default=None,
+                   help="examples of a prepared directory (python -m llara_fast.data.prepare) in the order pretrain's "
+                        "first epoch takes them (data.seed 0); --max-len becomes the directory's: what pretrain "
+                        "trains on, for comparing its tokens/s with this benchmark's")
     p.add_argument("--random-init", action="store_true", help="random weights even for a preset that ships them")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory or SentencePiece .model file (default: the model's; SmolLM2's for "
@@ -172,6 +178,15 @@ def wiki_examples(tokenizer, template: Template, n: int, max_len: int) -> list[E
     return [Example(np.asarray(ids[i][:max_len], dtype=np.int64),
                     np.asarray(template.target_set(ids[i][:cut]), dtype=np.int64),
                     np.asarray(template.target_set(ids[i + 1][:cut]), dtype=np.int64)) for i in range(n)]
+
+
+def data_dir_examples(data_dir: str, tokenizer, n: int) -> tuple[list[Example], int]:
+    """The first n examples of pretrain's epoch 0 (seed 0, one rank) and the directory's max_len."""
+    ds = ShardedDataset(data_dir)
+    ds.check_tokenizer(tokenizer)
+    if len(ds) < n:
+        sys.exit(f"{data_dir} holds {len(ds)} examples, {n} are needed")
+    return list(itertools.islice(ExampleStream(ds, seed=0), n)), ds.max_len
 
 
 def synthetic_examples(template: Template, vocab: int, n: int, max_len: int, seed: int) -> list[Example]:
@@ -342,8 +357,11 @@ def main(argv=None) -> dict:
     template = Template.from_tokenizer(tok)
     n_steps, P = a.warmup + a.steps, a.passages_per_step
     n = n_steps * P
-    examples = (synthetic_examples(template, model.args.vocab_size, n, a.max_len, a.seed) if a.synthetic
-                else wiki_examples(tok, template, n, a.max_len))
+    if a.data_dir:
+        examples, a.max_len = data_dir_examples(a.data_dir, tok, n)
+    else:
+        examples = (synthetic_examples(template, model.args.vocab_size, n, a.max_len, a.seed) if a.synthetic
+                    else wiki_examples(tok, template, n, a.max_len))
     per_step = [examples[i * P:(i + 1) * P] for i in range(n_steps)]
     budget = a.token_budget or sum(example_num_tokens(len(e.text_ids), template, a.max_len) for e in examples)
     ours_batches = [pack_greedy(exs, template, a.max_len, budget) for exs in per_step]
@@ -373,7 +391,7 @@ def main(argv=None) -> dict:
     cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"device": device_label(device), "model": a.model, "layers": model.args.n_layers,
             "params_M": round(model.args.num_params() / 1e6, 1), "vocab": model.args.vocab_size,
-            "dtype": a.dtype, "data": "synthetic" if a.synthetic else "wiki-sample", "max_len": a.max_len,
+            "dtype": a.dtype, "data": a.data_dir or ("synthetic" if a.synthetic else "wiki-sample"), "max_len": a.max_len,
             "passages_per_step": P, "micro_batches_ours": len(ours_batches[0]), "steps": a.steps,
             "warmup": a.warmup, "ref_precision": a.ref_precision if dtype != torch.float32 else "fp32",
             "attn": a.attn, "loss_impl": a.loss_impl, "lm_chunk_rows": a.lm_chunk_rows, "compile": a.compile, "ac": a.ac,
