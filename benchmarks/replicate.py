@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from summarize_run import read_metrics  # noqa: E402
+
 from llara_fast.data.beir import load_beir
 from llara_fast.data.pairs import bm25_search
 from llara_fast.evaluate import evaluate_run, to_run
@@ -131,16 +134,6 @@ def bm25_row(a) -> dict:
 
 
 # ---- the report --------------------------------------------------------------------------------
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl of a run, one record per step (the last record of a step wins after a resume)."""
-    by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            by_step[r["step"]] = r
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
@@ -152,10 +145,10 @@ def collect(a, seeds: list[int]) -> dict:
         res["zero_shot"][start] = json.loads((ev / f"{start}.json").read_text())
         rows = [json.loads((ev / f"{start}+ft-s{s}.json").read_text()) for s in seeds]
         res["finetuned"][start] = {m: [r[m] for r in rows] for m in METRICS}
-        res["finetune_loss"][start] = [[r["loss"] for r in read_metrics(a.out / f"ft-{start}-s{s}" / "metrics.jsonl")]
+        res["finetune_loss"][start] = [[r["loss"] for r in read_metrics(a.out / f"ft-{start}-s{s}")]
                                        for s in seeds]
     for arm in a.arms:
-        res["adaptation"][arm] = {k: [r[k] for r in read_metrics(a.out / f"adapt-{arm}" / "metrics.jsonl")]
+        res["adaptation"][arm] = {k: [r[k] for r in read_metrics(a.out / f"adapt-{arm}")]
                                   for k in ("loss", "lm", "ebae", "ebar")}
     return res
 
