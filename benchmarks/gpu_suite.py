@@ -14,7 +14,7 @@ its minimum left is skipped and says so):
   b. released_*  throughput.py, llama2-7b at 8 blocks, 32 passages per step, the released data's
      wiki_*      shape (--synthetic) and the wiki sample: ours vs the reference, then ours with
                  each lever switched: --compile, --lm-chunk-rows 256 (the old 32 MiB chunks),
-                 --attn flex;
+                 --no-reshard (FSDP2 keeps gathered blocks to backward), --attn flex;
   c. profile     throughput.py --profile: one step of ours grouped (profile_breakdown.py), eager
                  and compiled, released shape;
   d. pretrain_*  `python -m llara_fast.pretrain`: the embedded default (SmolLM2 shape) and llama2-7b
@@ -146,6 +146,7 @@ def run_suite(s: Suite) -> None:
     s.part("released_compile", throughput_args(s, "--impl", "ours", *rel, "--compile",
                                                "--profile", str(s.out / "profile-compiled.json")), 40, 120)
     s.part("released_chunk256", throughput_args(s, "--impl", "ours", *rel, "--lm-chunk-rows", "256"), 30, 70)
+    s.part("released_noreshard", throughput_args(s, "--impl", "ours", *rel, "--no-reshard"), 30, 70)
     s.part("released_flex", throughput_args(s, "--impl", "ours", *rel, "--attn", "sdpa" if smoke else "flex"), 30, 90)
     s.part("wiki_compile", throughput_args(s, "--impl", "ours", *wiki, "--compile"), 30, 100)
 
@@ -209,6 +210,7 @@ def summarize(s: Suite) -> dict:
             "eager": get("released_both", "ours", "passages_per_s"),
             "compile": get("released_compile", "ours", "passages_per_s"),
             "lm_chunk_rows_256": get("released_chunk256", "ours", "passages_per_s"),
+            "no_reshard": get("released_noreshard", "ours", "passages_per_s"),
             "attn_flex": get("released_flex", "ours", "passages_per_s")},
         "levers_wiki_passages_per_s": {"eager": get("wiki_both", "ours", "passages_per_s"),
                                        "compile": get("wiki_compile", "ours", "passages_per_s")},

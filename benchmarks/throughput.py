@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--model PRESET|DIR] [--layers L] [--impl ours|reference|both]
         [--steps N] [--warmup W] [--passages-per-step P] [--max-len N] [--dtype auto|fp32|bf16]
-        [--compile] [--attn BACKEND] [--loss-impl IMPL] [--lm-chunk-rows N] [--ac none|selective|full] [--token-budget T]
+        [--compile] [--attn BACKEND] [--loss-impl IMPL] [--lm-chunk-rows N] [--no-reshard] [--ac none|selective|full] [--token-budget T]
         [--profile FILE.json]
         [--ref-precision deepspeed|autocast] [--synthetic | --data-dir DIR] [--random-init] [--tokenizer PATH]
         [--device auto|cpu|cuda] [--lr LR] [--seed S]
@@ -119,6 +119,8 @@ def parse_args(argv=None):
                    help="ours: rows per chunk of the fused LM loss (0: the kernel's default; 256 = the old 32 MiB chunks at V=32k)")
     p.add_argument("--profile", default=None, metavar="FILE.json",
                    help="ours: one more step under torch.profiler after the timed ones, grouped (profile_breakdown.py)")
+    p.add_argument("--no-reshard", action="store_true",
+                   help="ours: FSDP2 keeps each block's gathered parameters from forward to backward (model.reshard false)")
     p.add_argument("--ac", default="none", choices=["none", "selective", "full"], help="ours: activation checkpointing")
     p.add_argument("--token-budget", type=int, default=0,
                    help="ours: tokens per micro-batch (0: all P passages in one micro-batch)")
@@ -253,7 +255,7 @@ def run_ours(a, pristine, step_batches, device, dtype) -> dict:
     mem.start()
     model = copy.deepcopy(pristine)
     cfg = PretrainConfig()
-    cfg.model.ac, cfg.model.compile = a.ac, a.compile
+    cfg.model.ac, cfg.model.compile, cfg.model.reshard = a.ac, a.compile, not a.no_reshard
     cfg.optim = OptimConfig(lr=a.lr, weight_decay=0.0, warmup_steps=0, decay="constant", grad_clip=1.0)
     cfg.run.device, cfg.run.dtype, cfg.run.steps = device.type, str(dtype).removeprefix("torch."), len(step_batches)
     trainer = Trainer(cfg, "throughput", default_steps=(1, 1))
@@ -394,7 +396,7 @@ def main(argv=None) -> dict:
             "dtype": a.dtype, "data": a.data_dir or ("synthetic" if a.synthetic else "wiki-sample"), "max_len": a.max_len,
             "passages_per_step": P, "micro_batches_ours": len(ours_batches[0]), "steps": a.steps,
             "warmup": a.warmup, "ref_precision": a.ref_precision if dtype != torch.float32 else "fp32",
-            "attn": a.attn, "loss_impl": a.loss_impl, "lm_chunk_rows": a.lm_chunk_rows, "compile": a.compile, "ac": a.ac,
+            "attn": a.attn, "loss_impl": a.loss_impl, "lm_chunk_rows": a.lm_chunk_rows, "compile": a.compile, "reshard": not a.no_reshard, "ac": a.ac,
             "mean_passage_tokens": round(float(np.mean([len(e.text_ids) for e in examples])), 1),
             "peak_bf16_tflops": peak, "load_avg_1m_at_start": load0, "malloc_tuned": malloc_tuned}
     print_table(meta, results, ratio)

@@ -27,6 +27,9 @@ class ModelConfig:
     attn: str = opt("auto", "attention backend: auto, sdpa, torch_varlen, flash_attn, flex (opt-in)")
     ac: str = opt("none", "activation checkpointing: none, selective, full")
     compile: bool = opt(False, "torch.compile each block")
+    reshard: bool = opt(True, "FSDP2: free each block's gathered (compute-dtype) parameters after its forward and "
+                              "gather again in backward; false keeps them from forward to backward (a lever for one "
+                              "GPU: no second gather and cast per block, at the memory of one compute-dtype copy)")
 
 
 @dataclass

@@ -10,13 +10,15 @@ from torch.utils.checkpoint import checkpoint
 AC_MODES = ("none", "selective", "full")
 
 
-def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype, reduce_dtype=torch.float32):
+def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype, reduce_dtype=torch.float32,
+               reshard: bool = True):
     """fully_shard each block, then the root (embedding, final norm, head and the loss that uses them).
-    On GPU: bf16 parameters in compute, fp32 gradient reduction; on CPU: fp32 throughout."""
+    On GPU: bf16 parameters in compute, fp32 gradient reduction; on CPU: fp32 throughout.
+    reshard=False keeps every block's gathered parameters from its forward to its backward."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: keep them.
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        fully_shard(block, mp_policy=mp, reshard_after_forward=reshard and i < len(blocks) - 1)
     fully_shard(root, mp_policy=mp)
     return root
 
@@ -51,10 +53,11 @@ def apply_compile(blocks: nn.ModuleList) -> None:
         block.compile(dynamic=True)
 
 
-def parallelize(model: nn.Module, module: nn.Module, ac: str, compile: bool, param_dtype: torch.dtype) -> nn.Module:
+def parallelize(model: nn.Module, module: nn.Module, ac: str, compile: bool, param_dtype: torch.dtype,
+                reshard: bool = True) -> nn.Module:
     """The one order: activation checkpointing of the blocks, then torch.compile, then FSDP2 of
     the blocks and of ``module`` (the train module around ``model``), which is returned."""
     apply_activation_checkpointing(model.layers, ac)
     if compile:
         apply_compile(model.layers)
-    return apply_fsdp(module, model.layers, param_dtype=param_dtype)
+    return apply_fsdp(module, model.layers, param_dtype=param_dtype, reshard=reshard)

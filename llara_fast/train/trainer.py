@@ -231,7 +231,7 @@ class Trainer:
         the learning-rate schedule over self.steps."""
         m, o = self.cfg.model, self.cfg.optim
         self.model, self.objective = model, objective
-        self.module = parallelize(model, module.to(self.device), m.ac, m.compile, self.dtype)
+        self.module = parallelize(model, module.to(self.device), m.ac, m.compile, self.dtype, m.reshard)
         self.optimizer = build_optimizer(self.module, o.lr, o.weight_decay, (o.beta1, o.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(o.warmup_steps, self.steps, o.decay, o.min_lr_ratio))
