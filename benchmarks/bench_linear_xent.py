@@ -3,7 +3,7 @@ materialised-logits reference: time and peak memory, forward and forward+backwar
 
     python benchmarks/bench_linear_xent.py [--device auto] [--dtype auto] [--vocab 49168] [--dim 576]
                                            [--tokens 1024] [--chunk-rows N] [--iters N] [--warmup N]
-                                           [--gemm auto|on|off] [--impl auto]
+                                           [--gemm auto|on|off] [--impl auto] [--libs auto|on|off]
 
 Shapes: hidden (M, d) at the M text positions (--tokens), weight (V, d), uniform random targets.
 - ``ours``: ``linear_xent(..., chunk_rows, impl)``; auto = GEMMs + the Triton row kernel on
@@ -14,6 +14,9 @@ Shapes: hidden (M, d) at the M text positions (--tokens), weight (V, d), uniform
   without, it skips the two gradient GEMMs;
 - ``reference``: ``linear_xent_reference``, fp32 (M, V) logits and F.cross_entropy through
   autograd;
+- ``liger`` / ``cce`` (--libs; auto: on CUDA when installed): Liger-Kernel's
+  ``liger_fused_linear_cross_entropy`` and Apple's cut-cross-entropy ``linear_cross_entropy``
+  (mean over the rows, no ignore index hit), the best public fused implementations, at the same shapes;
 - ``gemm``: rows = M.
 Passes, GFLOP/s, timing and the peak-memory method: benchmarks/_bench_util.py.
 """
@@ -31,6 +34,15 @@ from _bench_util import add_common_args, loss_cases, resolve_device, resolve_dty
 from llara_fast.kernels.linear_xent import default_chunk_rows, linear_xent  # noqa: E402
 from llara_fast.kernels.reference import linear_xent_reference  # noqa: E402
 
+try:  # optional: the public fused implementations beside ours (GPU, Triton)
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+except ImportError:
+    liger_fused_linear_cross_entropy = None
+try:
+    from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+except ImportError:
+    cce_linear_cross_entropy = None
+
 
 def make_inputs(a, device: torch.device, dtype: torch.dtype) -> dict:
     M, d, V = a.tokens, a.dim, a.vocab
@@ -43,10 +55,20 @@ def make_inputs(a, device: torch.device, dtype: torch.dtype) -> dict:
     return inp
 
 
+def library_ops(a, inp: dict) -> dict:
+    """The public libraries' ops that are installed and asked for."""
+    y, ops = inp["targets"], {}
+    if a.libs_on and liger_fused_linear_cross_entropy is not None:
+        ops["liger"] = lambda h, w: liger_fused_linear_cross_entropy(h, w, y)
+    if a.libs_on and cce_linear_cross_entropy is not None:
+        ops["cce"] = lambda h, w: cce_linear_cross_entropy(h, w, y)
+    return ops
+
+
 def make_cases(a, inp: dict):
     y = inp["targets"]
     ops = {"ours": lambda h, w: linear_xent(h, w, y, a.chunk_rows, impl=a.impl),
-           "reference": lambda h, w: linear_xent_reference(h, w, y)}
+           "reference": lambda h, w: linear_xent_reference(h, w, y), **library_ops(a, inp)}
     return loss_cases(ops, inp["hidden"], inp["weight"], 2.0 * a.tokens * a.dim * a.vocab, inp["grad_logits"])
 
 
@@ -56,8 +78,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     add_common_args(p)
     p.add_argument("--tokens", type=int, default=1024, help="M: text positions the LM head is applied at")
     p.add_argument("--chunk-rows", type=int, default=None, help="ours: rows per chunk (default: the kernel's)")
+    p.add_argument("--libs", default="auto", choices=["auto", "on", "off"],
+                   help="also time Liger-Kernel's and cut-cross-entropy's fused linear CE (auto: on CUDA, if installed)")
     a = p.parse_args(argv)
     device = resolve_device(a.device)
+    a.libs_on = a.libs == "on" or (a.libs == "auto" and device.type == "cuda")
     dtype = resolve_dtype(a.dtype, device)
     a.gemm_on = a.gemm == "on" or (a.gemm == "auto" and device.type == "cuda")
     inp = make_inputs(a, device, dtype)
@@ -69,10 +94,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         with torch.no_grad():
             loss = linear_xent(inp["hidden"], inp["weight"], inp["targets"], a.chunk_rows, impl=a.impl)
             ref = linear_xent_reference(inp["hidden"], inp["weight"], inp["targets"])
-        return {"loss_abs_diff": (loss - ref).abs().item()}
+            out = {"loss_abs_diff": (loss - ref).abs().item()}
+            for name, op in library_ops(a, inp).items():
+                out[f"loss_abs_diff_{name}"] = (op(inp["hidden"], inp["weight"]).float() - ref).abs().item()
+        return out
 
     meta = {"dtype": str(dtype).replace("torch.", ""), "impl": a.impl, "M": M, "d": d, "V": V,
-            "chunk_rows": rows, "chunk_rows_default": a.chunk_rows is None}
+            "chunk_rows": rows, "chunk_rows_default": a.chunk_rows is None,
+            "libs": {"liger": liger_fused_linear_cross_entropy is not None and a.libs_on,
+                     "cce": cce_linear_cross_entropy is not None and a.libs_on}}
     notes = lambda: (f"sizes: fp32 (M, V) logits {M * V * 4 / 2**20:.1f} MiB; one chunk of fp32 logits "  # noqa: E731
                      f"{rows * V * 4 / 2**20:.1f} MiB ({rows} rows); weight (V, d) "
                      f"{V * d * inp['weight'].element_size() / 2**20:.1f} MiB")

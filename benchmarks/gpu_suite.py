@@ -15,6 +15,9 @@ its minimum left is skipped and says so):
      wiki_*      shape (--synthetic) and the wiki sample: ours vs the reference, then ours with
                  each lever switched: --compile, --lm-chunk-rows 256 (the old 32 MiB chunks),
                  --no-reshard (FSDP2 keeps gathered blocks to backward), --attn flex;
+  b2. linear_xent_* bench_linear_xent.py at the llama2-7b and SmolLM2 head shapes, ours beside
+                 Liger-Kernel's and cut-cross-entropy's fused linear CE (wheels staged in
+                 .bench_assets/wheels by pretrain_gpu.sh stage, installed --no-deps there);
   c. profile     throughput.py --profile: one step of ours grouped (profile_breakdown.py), eager
                  and compiled, released shape;
   d. pretrain_*  `python -m llara_fast.pretrain`: the embedded default (SmolLM2 shape) and llama2-7b
@@ -50,8 +53,8 @@ BUDGET = 16384  # pretrain's token budget per micro-batch on a GPU
 
 
 class Suite:
-    def __init__(self, out: Path, runs: Path, budget_s: float, smoke: bool):
-        self.out, self.runs, self.smoke = out, runs, smoke
+    def __init__(self, out: Path, runs: Path, budget_s: float, smoke: bool, only: set[str] | None = None):
+        self.out, self.runs, self.smoke, self.only = out, runs, smoke, only
         self.deadline = time.monotonic() + budget_s
         self.results: dict[str, dict] = {}
         out.mkdir(parents=True, exist_ok=True)
@@ -62,6 +65,10 @@ class Suite:
 
     def part(self, name: str, argv: list[str], min_s: float, max_s: float) -> dict:
         """Run one part (a subprocess) into OUT/<name>.log; returns and records its status."""
+        if self.only is not None and name not in self.only:
+            r = {"status": "skipped", "reason": "not in --parts"}
+            self.results[name] = r
+            return r
         if self.left() < min_s:
             r = {"status": "skipped", "reason": f"{self.left():.0f} s left, needs >= {min_s:.0f} s"}
             print(f"[suite] {name}: skipped ({r['reason']})", flush=True)
@@ -150,6 +157,16 @@ def run_suite(s: Suite) -> None:
     s.part("released_flex", throughput_args(s, "--impl", "ours", *rel, "--attn", "sdpa" if smoke else "flex"), 30, 90)
     s.part("wiki_compile", throughput_args(s, "--impl", "ours", *wiki, "--compile"), 30, 100)
 
+    # ours beside Liger-Kernel and cut-cross-entropy (wheels staged in .bench_assets/wheels)
+    libs = s.runs / "libs"
+    wheels = sorted(str(w) for w in (ASSETS / "wheels").glob("*.whl"))
+    if wheels and not smoke:
+        s.part("libs_install", _py("-m", "pip", "install", "-q", "--no-deps", "--target", str(libs), *wheels), 5, 60)
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(libs), os.environ.get("PYTHONPATH", "")])
+    for name, shape in (("linear_xent_llama", ["--vocab", "32016", "--dim", "4096", "--tokens", "16384"]),
+                        ("linear_xent_smollm2", ["--vocab", "49168", "--dim", "576", "--tokens", "16384"])):
+        shape = ["--vocab", "512", "--dim", "32", "--tokens", "64", "--device", "cpu", "--no-memory"] if smoke else shape
+        s.part(name, _py("benchmarks/bench_linear_xent.py", *shape, "--libs", "auto"), 20, 60)
     tok_smol = [] if smoke else ["--model.random_init", "true", "--model.tokenizer", str(ASSETS / "smollm2-tokenizer")]
     s.part("pretrain_default", pretrain_args(s, "default", *tok_smol, *([] if smoke else ["--run.steps", "60"])), 40, 100)
     wiki_dir = s.runs / "wiki-llama"
@@ -214,6 +231,8 @@ def summarize(s: Suite) -> dict:
             "attn_flex": get("released_flex", "ours", "passages_per_s")},
         "levers_wiki_passages_per_s": {"eager": get("wiki_both", "ours", "passages_per_s"),
                                        "compile": get("wiki_compile", "ours", "passages_per_s")},
+        "linear_xent": {name: (s.results.get(name, {}).get("json") or {}) for name in
+                        ("linear_xent_llama", "linear_xent_smollm2")},
         "pretrain_tokens_per_s": pre.get("tokens_per_s"),
         "throughput_tokens_per_s": get("throughput_l8_data", "ours", "tokens_per_s"),
         "pretrain_default": s.results.get("pretrain_default", {}).get("rates"),
@@ -270,6 +289,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_suite_out")))
     p.add_argument("--runs", type=Path, default=Path("/tmp/gpu_suite_runs"), help="run directories (not copied back)")
     p.add_argument("--budget-s", type=float, default=540, help="the whole suite's time")
+    p.add_argument("--parts", default="", help="comma list of parts to run (default: all), e.g. for a second call")
     p.add_argument("--smoke", action="store_true", default=os.environ.get("SMOKE") == "1",
                    help="toy sizes on the CPU: checks the suite itself (also SMOKE=1)")
     a = p.parse_args(argv)
@@ -277,7 +297,7 @@ def main(argv=None) -> int:
         sys.exit(f"no {ASSETS}: run 'benchmarks/pretrain_gpu.sh stage' here and carry it")
     if not a.smoke:
         os.environ.setdefault("LLARA_FAST_WIKI_SAMPLE", str(ASSETS / "summaries_en-us.json"))
-    s = Suite(a.out, a.runs, a.budget_s, a.smoke)
+    s = Suite(a.out, a.runs, a.budget_s, a.smoke, {x for x in a.parts.split(",") if x} or None)
     try:
         run_suite(s)
     finally:

@@ -38,6 +38,9 @@ shutil.copy(sentencepiece_model_path(), out / "tokenizer.model.v1")
 shutil.copy(wiki_sample_path(), out / "summaries_en-us.json")
 print(f"staged {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 EOF
+  # the public fused-loss libraries gpu_suite.py times beside ours (pure Python + Triton, ~1 MB)
+  "$PY" -m pip download -q --no-deps liger-kernel cut-cross-entropy -d "$ASSETS/wheels" \
+    || echo "could not download the Liger / cut-cross-entropy wheels: gpu_suite.py times ours alone" >&2
 }
 
 run() {
