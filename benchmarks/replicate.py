@@ -176,6 +176,7 @@ def report(a, res: dict, bm25: dict, seeds: list[int]) -> str:
               "|---|---|---|---|"]
     for arm, c in res["adaptation"].items():
         curves.append(f"| {arm} | " + " | ".join(
+            "not computed (w_lm = 0)" if k == "lm" and not any(c[k]) else
             f"{c[k][0]:.3f} → {c[k][-1]:.3f} ({statistics.fmean(c[k][-4:]):.3f})" for k in ("lm", "ebae", "ebar")) + " |")
     return "\n".join([
         f"Corpus: SciFact test, {zs['base']['queries']} queries, {zs['base']['documents']} documents "
@@ -192,12 +193,13 @@ def plot(res: dict, bm25: dict, path_curves: Path, path_bars: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for arm, c in res["adaptation"].items():
         for ax, k in zip(axes, ("lm", "ebae", "ebar")):
-            ax.plot(range(1, len(c[k]) + 1), c[k], label=arm, marker=".")
+            if any(c[k]):  # w_lm = 0 arms do not compute the LM loss
+                ax.plot(range(1, len(c[k]) + 1), c[k], label=arm, marker=".")
     for ax, k in zip(axes, ("LM", "EBAE", "EBAR")):
         ax.set_title(f"{k} loss during adaptation")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[1].legend()
     fig.tight_layout()
     fig.savefig(path_curves, dpi=120)
     plt.close(fig)
