@@ -194,9 +194,12 @@ def plot(res: dict, bm25: dict, path_curves: Path, path_bars: Path) -> None:
     for arm, c in res["adaptation"].items():
         for ax, k in zip(axes, ("lm", "ebae", "ebar")):
             if any(c[k]):  # w_lm = 0 arms do not compute the LM loss
-                ax.plot(range(1, len(c[k]) + 1), c[k], label=arm, marker=".")
+                steps = range(1, len(c[k]) + 1)
+                line, = ax.plot(steps, c[k], alpha=0.3, marker=".")
+                smooth = [statistics.fmean(c[k][max(0, i - 3):i + 1]) for i in range(len(c[k]))]  # mean of the last 4
+                ax.plot(steps, smooth, color=line.get_color(), label=arm)
     for ax, k in zip(axes, ("LM", "EBAE", "EBAR")):
-        ax.set_title(f"{k} loss during adaptation")
+        ax.set_title(f"{k} loss during adaptation (line: mean of the last 4 steps)", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[1].legend()
