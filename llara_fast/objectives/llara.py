@@ -2,10 +2,12 @@
 
     total = w_lm · LM + w_bow · (mean_i EBAE_i + mean_i EBAR_i) / 2
 
-(``tasks`` = "ebae" or "ebar" keeps one of the two, for ablations: total = w_lm · LM + w_bow · that
-task's mean; the other is still computed, without a graph, and logged.) LM is the next-token CE over the TEXT tokens of the batch; EBAE / EBAR are the pooled
+LM is the next-token CE over the TEXT tokens of the batch; EBAE / EBAR are the pooled
 bag-of-words CEs at <s1>..<sK> / <s9>..<s(8+K)>, each averaged over the examples whose
 target set is not empty. All logits are fp32 (accumulated in fp32 from the compute dtype).
+
+Ablations: ``tasks`` = "ebae" or "ebar" keeps one of the two, total = w_lm · LM + w_bow · that
+task's mean; the other is still computed, without a graph, and logged.
 """
 from __future__ import annotations
 
