@@ -106,7 +106,8 @@ def adapt_args(a, arm: str, run: Path) -> list[str]:
     resume = ["--run.resume", "true"] if (run / "config.toml").exists() else []
     return ["-m", "llara_fast.pretrain", "--model.name", BASE, "--data.dir", str(a.out / "wiki"),
             "--data.token_budget", str(a.adapt_budget), "--run.steps", str(a.adapt_steps),
-            "--optim.lr", str(a.adapt_lr), "--run.ckpt_every", str(max(1, a.adapt_steps // 2)), "--run.keep_checkpoints", "1",
+            "--optim.lr", str(a.adapt_lr), "--run.ckpt_every", str(max(1, a.adapt_steps // 2)),
+            "--run.keep_checkpoints", "1",
             "--run.out_dir", str(run), *ARMS[arm][1], *resume]
 
 
