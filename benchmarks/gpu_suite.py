@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -46,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from summarize_run import read_metrics  # noqa: E402
+from summarize_run import rates as pretrain_rates  # noqa: E402
 
 ASSETS = ROOT / ".bench_assets"
 BUDGET = 16384  # pretrain's token budget per micro-batch on a GPU
@@ -123,15 +122,6 @@ def pretrain_args(s: Suite, name: str, *extra: str) -> list[str]:
                *extra, *smoke)
 
 
-def pretrain_rates(run_dir: Path, skip: int) -> dict:
-    recs = read_metrics(run_dir)
-    rest = [r for r in recs if not r.get("skipped")][skip:] or recs[-1:]
-    med = lambda k: statistics.median(r[k] for r in rest) if all(r.get(k) is not None for r in rest) else None  # noqa: E731
-    return {"steps": len(recs), "tokens_per_s": med("tokens_per_s"), "passages_per_s": med("passages_per_s"),
-            "mfu": med("mfu"), "passages_per_step": med("passages"), "tokens_per_step": med("tokens"),
-            "peak_gb": max((r.get("mem_gb") or 0) for r in recs) or None}
-
-
 def gpu_memory_gb() -> float:
     try:
         import torch
@@ -185,7 +175,8 @@ def run_suite(s: Suite) -> None:
         p = str(int(rates["passages_per_step"] or 32))
         extra = ["--data-dir", str(wiki_dir), "--token-budget", budget, "--passages-per-step", p, "--impl", "ours"]
         s.part("throughput_l8_data", throughput_args(s, *extra), 40, 90)
-    if smoke or gpu_memory_gb() >= 120:
+    mem_gb = gpu_memory_gb()
+    if smoke or mem_gb >= 120:
         full = ["--model.name", "debug"] if smoke else ["--model.name", "llama2-7b", "--model.ac", "full",
                                                         "--model.tokenizer", str(ASSETS / "tokenizer.model.v1")]
         r = s.part("pretrain_7b_full", pretrain_args(s, "full", *full, "--data.dir", str(wiki_dir), "--data.token_budget",
@@ -193,10 +184,9 @@ def run_suite(s: Suite) -> None:
         if r["status"] == "ok":
             r["rates"] = pretrain_rates(s.runs / "full", 1 if smoke else 2)
     else:
-        s.results["pretrain_7b_full"] = {"status": "skipped", "reason": f"GPU memory {gpu_memory_gb():.0f} GB < 120 GB"}
-    for name in ("default",):
-        if (s.runs / name / "metrics.jsonl").exists():
-            s.results["pretrain_default"]["rates"] = pretrain_rates(s.runs / name, 1 if smoke else 10)
+        s.results["pretrain_7b_full"] = {"status": "skipped", "reason": f"GPU memory {mem_gb:.0f} GB < 120 GB"}
+    if s.results.get("pretrain_default", {}).get("status") == "ok":
+        s.results["pretrain_default"]["rates"] = pretrain_rates(s.runs / "default", 1 if smoke else 10)
     s._save()
 
 

@@ -49,19 +49,29 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def summarize(run_dir: Path, skip: int) -> list[str]:
+def rates(run_dir: Path, skip: int) -> dict:
+    """A run's medians over the steps after the first ``skip`` (the last step if none is left)."""
     recs = read_metrics(run_dir)
     timed = recs[skip:] if len(recs) > skip else recs[-1:]
+    return {"steps": len(recs), "timed": len(timed), "tokens_per_step": _median(timed, "tokens"),
+            "passages_per_step": _median(timed, "passages"), "tokens_per_s": _median(timed, "tokens_per_s"),
+            "passages_per_s": _median(timed, "passages_per_s"), "tflops": _median(timed, "tflops"),
+            "mfu": _median(timed, "mfu"),
+            "peak_gb": max((r["mem_gb"] for r in timed if r.get("mem_gb") is not None), default=None),
+            "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"]}
+
+
+def summarize(run_dir: Path, skip: int) -> list[str]:
+    r = rates(run_dir, skip)
     cfg = tomllib.loads((run_dir / "config.toml").read_text()) if (run_dir / "config.toml").is_file() else {}
     model = cfg.get("model", {})
-    mfu = _median(timed, "mfu")
-    mem = max((r["mem_gb"] for r in timed if r.get("mem_gb") is not None), default=None)
+    mfu = r["mfu"]
     return [run_dir.name, str(model.get("name", "?")) + (" (random init)" if model.get("random_init") else ""),
-            str(model.get("layers") or "all"), f"{len(recs)} ({len(timed)} timed)",
-            _fmt(_median(timed, "tokens"), ",.0f"), _fmt(_median(timed, "tokens_per_s"), ",.0f"),
-            _fmt(_median(timed, "passages_per_s"), ",.1f"), _fmt(_median(timed, "tflops"), ".3g"),
+            str(model.get("layers") or "all"), f"{r['steps']} ({r['timed']} timed)",
+            _fmt(r["tokens_per_step"], ",.0f"), _fmt(r["tokens_per_s"], ",.0f"),
+            _fmt(r["passages_per_s"], ",.1f"), _fmt(r["tflops"], ".3g"),
             _fmt(None if mfu is None else 100 * mfu, ".1f") + ("%" if mfu is not None else ""),
-            _fmt(mem, ".1f"), f"{recs[0]['loss']:.3f}→{recs[-1]['loss']:.3f}"]
+            _fmt(r["peak_gb"], ".1f"), f"{r['loss_first']:.3f}→{r['loss_last']:.3f}"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
     python benchmarks/throughput.py [--model PRESET|DIR] [--layers L] [--impl ours|reference|both]
         [--steps N] [--warmup W] [--passages-per-step P] [--max-len N] [--dtype auto|fp32|bf16]
-        [--compile] [--attn BACKEND] [--loss-impl IMPL] [--lm-chunk-rows N] [--no-reshard] [--ac none|selective|full] [--token-budget T]
-        [--profile FILE.json]
+        [--compile] [--attn BACKEND] [--loss-impl IMPL] [--lm-chunk-rows N] [--no-reshard]
+        [--ac none|selective|full] [--token-budget T] [--profile FILE.json]
         [--ref-precision deepspeed|autocast] [--synthetic | --data-dir DIR] [--random-init] [--tokenizer PATH]
         [--device auto|cpu|cuda] [--lr LR] [--seed S]
 
@@ -138,6 +138,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
+    if a.synthetic and a.data_dir:
+        p.error("--synthetic and --data-dir are two sources of examples: give one")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = a.device == "cuda"
@@ -273,9 +275,10 @@ def run_ours(a, pristine, step_batches, device, dtype) -> dict:
     if a.profile:  # after the peak: the profiler's own buffers are not the step's memory
         report = profile_step(functools.partial(trainer.step, step_batches[-1]), device)
         report["command"] = "python benchmarks/throughput.py " + " ".join(a.argv)
+        data = a.data_dir or ("synthetic" if a.synthetic else "wiki-sample")
         with open(a.profile, "w") as f:
             json.dump(report, f, indent=1)
-        print(format_breakdown(report, f"ours, {a.model}, {'synthetic' if a.synthetic else 'wiki-sample'}"))
+        print(format_breakdown(report, f"ours, {a.model}, {data}"))
     del trainer, model
     return {"times": times, "losses": losses, "peak_bytes": peak}
 
@@ -390,7 +393,7 @@ def main(argv=None) -> dict:
                                          [b.padded_tokens for b in ref_batches])
     ratio = (results["ours"]["passages_per_s"] / results["reference"]["passages_per_s"]
              if len(results) == 2 else None)
-    cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python benchmarks/throughput.py " + " ".join(a.argv)
     meta = {"device": device_label(device), "model": a.model, "layers": model.args.n_layers,
             "params_M": round(model.args.num_params() / 1e6, 1), "vocab": model.args.vocab_size,
             "dtype": a.dtype, "data": a.data_dir or ("synthetic" if a.synthetic else "wiki-sample"), "max_len": a.max_len,

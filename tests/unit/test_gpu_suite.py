@@ -1,6 +1,6 @@
 """benchmarks/gpu_suite.py: the summary's figures are the parts' measured numbers (the parts are
 throughput.py and pretrain, tested on their own; `SMOKE=1 python benchmarks/gpu_suite.py` runs the
-whole suite at toy sizes on a CPU, about 6 minutes)."""
+whole suite at toy sizes on a CPU, 3 to 6 minutes)."""
 import json
 import sys
 from pathlib import Path
