@@ -13,17 +13,24 @@ j <= i + len_k - len_q (bottom-right-aligned causal).
                     training (no CPU backward; its CPU forward, eager and dense, is what the CPU
                     tests check). Opt-in: ``auto`` never picks it; its GPU speed against
                     torch_varlen is still to be measured (benchmarks/throughput.py --attn flex).
+- ``triton``:       llara_fast.kernels.branch_attention, ours: each segment reads its outside
+                    context (a branch's BOS..TEXT) and its own tokens in place (no K/V gather,
+                    no index_add_ in backward); forward and backward, fp32/fp16/bf16. On CUDA, or
+                    on CPU under TRITON_INTERPRET=1 (the tests). Opt-in like flex until the GPU
+                    suite measures it against torch_varlen (benchmarks/bench_branch_attention.py).
 """
 from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from llara_fast.batch import PackedBatch
+from llara_fast.kernels.branch_attention import branch_attention
 
 try:  # optional: pip install llara-fast[flash]
     from flash_attn import flash_attn_varlen_func
@@ -40,7 +47,7 @@ try:
 except Exception:
     create_block_mask = flex_attention = None
 
-BACKENDS = ("auto", "sdpa", "torch_varlen", "flash_attn", "flex")
+BACKENDS = ("auto", "sdpa", "torch_varlen", "flash_attn", "flex", "triton")
 
 
 def available_backends(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
@@ -55,6 +62,8 @@ def available_backends(device: torch.device | str, dtype: torch.dtype | None = N
     out.append("sdpa")
     if dev.type == "cuda" and flex_attention is not None:  # last: opt-in only
         out.append("flex")
+    if dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # opt-in only
+        out.append("triton")
     return out
 
 
@@ -69,6 +78,7 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
             "flash_attn": "needs a CUDA device, fp16/bf16 and the flash-attn package (pip install 'llara-fast[flash]')",
             "torch_varlen": "needs a CUDA device, fp16/bf16 and torch >= 2.10 (torch.nn.attention.varlen)",
             "flex": "needs a CUDA device (flex_attention has no CPU backward) and torch >= 2.5",
+            "triton": "needs a CUDA device (on CPU, TRITON_INTERPRET=1 runs it interpreted, for tests)",
         }[name]
         raise RuntimeError(f"attention backend {name!r} is unavailable on {device}: {why}")
     return name
@@ -87,16 +97,23 @@ class AttnMeta:
     blocks: list | None = None
     # flex only: the BlockMask over (token, token) of the stream.
     block_mask: object | None = None
+    # triton only: each segment's outside context ctx_start:ctx_end (S,) and the longest one.
+    ctx_start: torch.Tensor | None = None
+    ctx_end: torch.Tensor | None = None
+    max_ctx: int = 0
 
 
 def build_meta(batch: PackedBatch, backend: str) -> AttnMeta:
-    blocks = block_mask = None
+    extra = {}
     if backend == "sdpa":
-        blocks = _example_blocks(batch)
+        extra["blocks"] = _example_blocks(batch)
     elif backend == "flex":
-        block_mask = _flex_block_mask(batch)
-    return AttnMeta(backend, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q,
-                    batch.max_seqlen_k, batch.k_index, blocks, block_mask)
+        extra["block_mask"] = _flex_block_mask(batch)
+    elif backend == "triton":
+        extra["ctx_start"], extra["ctx_end"], extra["max_ctx"] = branch_contexts(
+            batch.cu_seqlens_q, batch.cu_seqlens_k, batch.k_index, batch.input_ids.shape[0])
+    return AttnMeta(backend, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k,
+                    batch.k_index, **extra)
 
 
 def _example_blocks(batch: PackedBatch) -> list:
@@ -144,19 +161,14 @@ def _example_blocks(batch: PackedBatch) -> list:
     return blocks
 
 
-def flex_mask_tensors(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Tensor, n: int):
-    """(seg, ext) over the n tokens of the stream such that query token q sees token kv iff
-    ``(seg[kv] == seg[q] and kv <= q) or ext[kv] == seg[q]``.
-
-    seg[t] is the segment that has t among its queries; ext[t] is the segment (or -1) that has
-    t among its keys without it being one of its queries: the BOS..TEXT context of a branch
-    segment. This is the segments' bottom-right-aligned causal rule exactly when each segment's
-    key list ends with its own queries in order and a token is an outside key of at most one
-    segment, which the packers produce and which is checked here (one host sync per batch)."""
+def _split_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Tensor, n: int, backend: str):
+    """Checks that each segment's key list is (outside keys) + (its own queries, in order), with
+    a token an outside key of at most one segment, which the packers produce (one host sync per
+    batch). Returns (cu_q, cu_k int64, seg_k (n_keys,) segment of each key, place (n_keys,) in
+    its segment's outside keys (or -1 for its own), n_ext (S,) outside keys per segment)."""
     dev = k_index.device
     cu_q, cu_k = cu_q.to(dev, torch.int64), cu_k.to(dev, torch.int64)
     n_seg, n_keys = len(cu_q) - 1, len(k_index)
-    seg = torch.searchsorted(cu_q[1:], torch.arange(n, device=dev), right=True)  # (n,)
     seg_k = torch.searchsorted(cu_k[1:], torch.arange(n_keys, device=dev), right=True)  # (n_keys,)
     n_ext = (cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])  # (n_seg,) outside keys per segment
     j = torch.arange(n_keys, device=dev) - cu_k[seg_k]  # (n_keys,) place in its segment's key list
@@ -168,11 +180,45 @@ def flex_mask_tensors(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Ten
         raise ValueError(f"malformed PackedBatch: its segments cover tokens {int(cu_q[0])}..{int(cu_q[-1])} of {n}")
     if (n_seg and bool((n_ext < 0).any())) or not tail_ok or (
             outside.numel() and int(torch.bincount(outside, minlength=n).max()) > 1):
-        raise ValueError("flex backend: this PackedBatch's key lists are not (outside context) + "
+        raise ValueError(f"{backend} backend: this PackedBatch's key lists are not (outside context) + "
                          "(the segment's own queries) with each outside key used once; use sdpa")
+    return cu_q, cu_k, seg_k, torch.where(own, -1, j), n_ext
+
+
+def flex_mask_tensors(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Tensor, n: int):
+    """(seg, ext) over the n tokens of the stream such that query token q sees token kv iff
+    ``(seg[kv] == seg[q] and kv <= q) or ext[kv] == seg[q]``.
+
+    seg[t] is the segment that has t among its queries; ext[t] is the segment (or -1) that has
+    t among its keys without it being one of its queries: the BOS..TEXT context of a branch
+    segment. This is the segments' bottom-right-aligned causal rule exactly when the key lists
+    pass _split_keys' check."""
+    cu_q, _, seg_k, place, _ = _split_keys(cu_q, cu_k, k_index, n, "flex")
+    dev = k_index.device
+    seg = torch.searchsorted(cu_q[1:], torch.arange(n, device=dev), right=True)  # (n,)
+    outside = place >= 0
     ext = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    ext[outside] = seg_k[~own]
+    ext[k_index.to(torch.int64)[outside]] = seg_k[outside]
     return seg, ext
+
+
+def branch_contexts(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Tensor, n: int):
+    """(ctx_start (S,), ctx_end (S,) int32, max_ctx): segment s's outside keys as one token range,
+    which is what the triton backend reads. Beyond _split_keys' check, each segment's outside keys
+    must be consecutive tokens outside its own queries (a branch's BOS..TEXT is)."""
+    cu_q, cu_k, seg_k, place, n_ext = _split_keys(cu_q, cu_k, k_index, n, "triton")
+    kidx = k_index.to(torch.int64)
+    has = n_ext > 0  # (S,)
+    first = kidx[cu_k[:-1].clamp(max=len(kidx) - 1)] if len(kidx) else torch.zeros_like(n_ext)  # (S,)
+    c0 = torch.where(has, first, 0)  # (S,)
+    c1 = c0 + n_ext  # (S,)
+    outside = place >= 0
+    s_out, t_out = seg_k[outside], kidx[outside]  # segment and token of each outside key
+    if not torch.equal(t_out, c0[s_out] + place[outside]) or bool(
+            ((t_out >= cu_q[s_out]) & (t_out < cu_q[s_out + 1])).any()):
+        raise ValueError("triton backend: a segment's outside keys are not one range of consecutive tokens "
+                         "outside its own queries; use sdpa")
+    return c0.to(torch.int32), c1.to(torch.int32), int(n_ext.max()) if len(n_ext) else 0
 
 
 def _flex_block_mask(batch: PackedBatch):
@@ -253,7 +299,13 @@ def _flash_attn(q, k, v, meta: AttnMeta) -> torch.Tensor:
                                   meta.max_seqlen_k, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True)
 
 
-_IMPLS = {"sdpa": _sdpa, "torch_varlen": _torch_varlen, "flash_attn": _flash_attn, "flex": _flex}
+def _triton(q, k, v, meta: AttnMeta) -> torch.Tensor:
+    return branch_attention(q, k, v, meta.cu_seqlens_q, meta.ctx_start, meta.ctx_end, meta.max_seqlen_q,
+                            meta.max_ctx)  # (N, H, D)
+
+
+_IMPLS = {"sdpa": _sdpa, "torch_varlen": _torch_varlen, "flash_attn": _flash_attn, "flex": _flex,
+          "triton": _triton}
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:

@@ -73,3 +73,53 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, tol, what: str = "") ->
                              f"worst at flat index {i}: got {got.flatten()[i].item():.9g}, want "
                              f"{want.flatten()[i].item():.9g}, |err| {err.flatten()[i].item():.3g} > tol "
                              f"{tol.flatten()[i].item():.3g}")
+
+
+def attention_tols(q, k, v, mask, do, dtype: torch.dtype = torch.float32):
+    """Bounds on the errors of masked softmax attention evaluated in dtype (fp32 accumulation,
+    online softmax) and of its gradients, elementwise: (tol out (N, H, D), tol dq, tol dk, tol dv).
+
+    q (N, H, D), k, v (N, KV, D), mask (N, N) bool, do (N, H, D); computed in float64 from the
+    magnitudes of the terms, as in the module docstring:
+    - a score s_ij = q_i·k_j/√D errs by δs_i = λu√D·max_j |q_i|·|k_j|/√D (plus the scaling's
+      rounding); the probabilities p_ij (after normalising over n_i keys) then by a relative
+      e_i = 2·δs_i + λu(√n_i + 4);
+    - out_i = Σ_j p_ij v_j: e_i·(|P| @ |V|) plus its own n_i-term sum;
+    - dV = Pᵀ dO, dP = dO Vᵀ, δ_i = dO_i·out_i, dS = P ∘ (dP - δ), dQ = dS K/√D, dK = dSᵀ Q/√D:
+      each product's own sum bound plus its inputs' errors carried through |·|."""
+    q, k, v, do = (t.detach().cpu().double() for t in (q, k, v, do))
+    H, KV, D = q.shape[1], k.shape[1], q.shape[2]
+    G = H // KV
+    u = unit_roundoff(dtype)
+    kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # (N, H, D)
+    m = mask.cpu()[None]  # (1, N, N)
+    s = torch.einsum("ihd,jhd->hij", q, kr) / math.sqrt(D)  # (H, N, N)
+    p = s.masked_fill(~m, float("-inf")).softmax(-1)  # (H, N, N)
+    mag_s = torch.einsum("ihd,jhd->hij", q.abs(), kr.abs()) / math.sqrt(D)  # (H, N, N)
+    n_keys = m.sum(-1, keepdim=True).double()  # (1, N, 1)
+    ds_err = LAMBDA * u * math.sqrt(D) * mag_s.masked_fill(~m, 0).amax(-1, keepdim=True)  # (H, N, 1)
+    ds_err = ds_err + 4 * u * s.abs().masked_fill(~m, 0).amax(-1, keepdim=True)
+    e = 2 * ds_err + LAMBDA * u * (n_keys.sqrt() + 4)  # (H, N, 1) relative error of p
+    out = torch.einsum("hij,jhd->ihd", p, vr)  # (N, H, D)
+    pv = torch.einsum("hij,jhd->ihd", p, vr.abs())  # (N, H, D)
+    e_nhd = e.permute(1, 0, 2)  # (N, H, 1)
+    tol_o = (e_nhd + LAMBDA * u * n_keys[0].sqrt()[:, None]) * pv  # (N, H, D)
+    n_q = m.sum(-2).double()[0]  # (N,) queries per key
+    # dV_j = Σ_i p_ij dO_i, summed over the G heads of a kv head
+    pdo = torch.einsum("hij,ihd->jhd", p, do.abs())  # (N, H, D)
+    tol_dv = torch.einsum("hij,ihd->jhd", p * e, do.abs()) + LAMBDA * u * (n_q * G).sqrt()[:, None, None] * pdo
+    tol_dv = tol_dv.reshape(-1, KV, G, D).sum(2)  # (N, KV, D)
+    dp = torch.einsum("ihd,jhd->hij", do, vr)  # (H, N, N)
+    dp_err = LAMBDA * u * math.sqrt(D) * torch.einsum("ihd,jhd->hij", do.abs(), vr.abs())  # (H, N, N)
+    delta = (do * out).sum(-1).t()[:, :, None]  # (H, N, 1)
+    delta_err = (LAMBDA * u * math.sqrt(D) * (do.abs() * out.abs()).sum(-1)
+                 + (do.abs() * tol_o).sum(-1)).t()[:, :, None]  # (H, N, 1)
+    dS = p * (dp - delta)  # (H, N, N)
+    dS_err = p * (dp_err + delta_err) + e * (p * (dp - delta).abs())  # (H, N, N)
+    absdS = dS.abs() + dS_err
+    tol_dq = (LAMBDA * u * n_keys[0].sqrt()[:, None] * torch.einsum("hij,jhd->ihd", dS.abs(), kr.abs())
+              + torch.einsum("hij,jhd->ihd", dS_err, kr.abs())) / math.sqrt(D)  # (N, H, D)
+    tol_dk = (LAMBDA * u * (n_q * G).sqrt()[:, None, None] * torch.einsum("hij,ihd->jhd", absdS, q.abs())
+              + torch.einsum("hij,ihd->jhd", dS_err, q.abs())) / math.sqrt(D)  # (N, H, D)
+    tol_dk = tol_dk.reshape(-1, KV, G, D).sum(2)  # (N, KV, D)
+    return tol_o, tol_dq, tol_dk, tol_dv

@@ -3,6 +3,8 @@ transcription of DESIGN §1. Used by the kernels' tests and benchmarks. Logits a
 fp32/fp16/bf16 inputs and float64 for float64 inputs (the tests' exact-algebra runs)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -39,3 +41,28 @@ def linear_xent_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     acc = torch.promote_types(hidden.dtype, torch.float32)
     logits = hidden.to(acc) @ weight.to(acc).t()  # (M, V)
     return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def branch_attention_mask(cu_seqlens: torch.Tensor, ctx_start: torch.Tensor, ctx_end: torch.Tensor) -> torch.Tensor:
+    """(N, N) bool: query token i sees key token j (the rule of kernels/branch_attention.py)."""
+    cu, c0, c1 = cu_seqlens.long().cpu(), ctx_start.long().cpu(), ctx_end.long().cpu()
+    N = int(cu[-1])
+    seg = torch.searchsorted(cu[1:], torch.arange(N), right=True)  # (N,) segment of each token
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    own = (seg[:, None] == seg[None, :]) & (j <= i)  # (N, N)
+    ctx = (j >= c0[seg][:, None]) & (j < c1[seg][:, None])  # (N, N)
+    return own | ctx
+
+
+def branch_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                               ctx_start: torch.Tensor, ctx_end: torch.Tensor) -> torch.Tensor:
+    """Dense masked softmax attention over the stream, fp32 (float64 for float64 inputs):
+    q (N, H, D), k and v (N, KV, D) -> (N, H, D) in q's dtype."""
+    H, KV, D = q.shape[1], k.shape[1], q.shape[2]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    mask = branch_attention_mask(cu_seqlens, ctx_start, ctx_end).to(q.device)  # (N, N)
+    kr = k.to(acc).repeat_interleave(H // KV, dim=1)  # (N, H, D)
+    vr = v.to(acc).repeat_interleave(H // KV, dim=1)  # (N, H, D)
+    scores = torch.einsum("ihd,jhd->hij", q.to(acc), kr) / math.sqrt(D)  # (H, N, N)
+    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # (H, N, N)
+    return torch.einsum("hij,jhd->ihd", p, vr).to(q.dtype)  # (N, H, D)

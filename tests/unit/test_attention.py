@@ -7,16 +7,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_examples, toy_template
+from errmodel import assert_within, attention_tols
 
 from llara_fast.attention import (
     _example_blocks,
     available_backends,
+    branch_contexts,
     build_meta,
     flex_mask_tensors,
     packed_attention,
     resolve_backend,
 )
 from llara_fast.data.packing import pack_encode_reference, pack_reference
+from llara_fast.kernels.reference import branch_attention_mask
 
 
 def naive_attention(q, k, v, tpl, text_lens):
@@ -98,16 +101,21 @@ def test_sdpa_encode_layout_is_per_segment(heads):
         torch.testing.assert_close(got[sl], want, atol=1e-12, rtol=1e-12)
 
 
-def test_backend_resolution():
+def test_backend_resolution(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert resolve_backend("auto", "cpu") == "sdpa"
     assert available_backends("cpu") == ["sdpa"]
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreted kernels, for tests: opt-in, never auto
+    assert available_backends("cpu") == ["sdpa", "triton"] and resolve_backend("auto", "cpu") == "sdpa"
     with pytest.raises(RuntimeError, match="unavailable"):
         resolve_backend("torch_varlen", "cpu")
     with pytest.raises(ValueError, match="unknown attention backend"):
         resolve_backend("xformers", "cpu")
 
 
-GPU_BACKENDS = [b for b in ("torch_varlen", "flash_attn", "flex")]
+GPU_BACKENDS = [b for b in ("torch_varlen", "flash_attn", "flex", "triton")]
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -161,6 +169,54 @@ def test_flex_mask_rule_equals_the_segments(layout):
         assert (ext >= 0).sum() == sum(len(tpl.prefix_ids) + t for t in (0, 1, 30, 7, 64, 2))
 
 
+def _layouts(layout):
+    rng = np.random.default_rng(5)
+    tpl = toy_template(100)
+    if layout == "train":
+        return pack_reference(random_examples(rng, [0, 1, 30, 7, 64, 2], 100), tpl, 100)
+    ids = [rng.integers(3, 80, size=n) for n in (1, 12, 5, 40)]
+    return pack_encode_reference(ids, tpl, ["passage", "query", "passage", "query"], 100)[0]
+
+
+@pytest.mark.parametrize("layout", ["train", "encode"])
+def test_branch_contexts_equal_the_segments(layout):
+    """The triton backend's (segment, context range) rule allows exactly the pairs the segments allow."""
+    b = _layouts(layout)
+    c0, c1, max_ctx = branch_contexts(b.cu_seqlens_q, b.cu_seqlens_k, b.k_index, b.num_tokens)
+    assert torch.equal(branch_attention_mask(b.cu_seqlens_q, c0, c1), _dense_from_blocks(b))
+    assert max_ctx == (len(toy_template(100).prefix_ids) + 64 if layout == "train" else 0)
+
+
+@pytest.mark.parametrize("layout", ["train", "encode"])
+def test_triton_backend_matches_sdpa(layout):
+    """The Triton kernel (interpreted) on packed batches, fp32 with grouped-query heads, forward
+    and backward, against sdpa in float64 within the attention rounding bound."""
+    b = _layouts(layout)
+    g = torch.Generator().manual_seed(3)
+    N = b.num_tokens
+    q, k, v = (torch.randn(N, h, 16, generator=g, requires_grad=True) for h in (6, 2, 2))
+    do = torch.randn(N, 6, 16, generator=g)
+    got = packed_attention(q, k, v, build_meta(b, "triton"))
+    got_grads = torch.autograd.grad(got, (q, k, v), do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = packed_attention(q64, k64, v64, build_meta(b, "sdpa"))
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), do.double())
+    tols = attention_tols(q, k, v, _dense_from_blocks(b), do)
+    for what, a, e, tol in zip(("out", "dq", "dk", "dv"), (got, *got_grads), (want, *want_grads), tols):
+        assert_within(a, e.detach(), tol, what)
+
+
+def test_triton_refuses_scattered_contexts():
+    """Outside keys that are not one run of consecutive tokens, or that are the segment's own
+    queries, are not a context range."""
+    cu, cu_k = torch.tensor([0, 4, 6]), torch.tensor([0, 4, 8])
+    with pytest.raises(ValueError, match="triton backend: a segment's outside keys"):
+        branch_contexts(cu, cu_k, torch.tensor([0, 1, 2, 3, 0, 2, 4, 5]), 6)  # context 0, 2: a gap
+    cu, cu_k = torch.tensor([0, 3, 6]), torch.tensor([0, 3, 7])
+    with pytest.raises(ValueError, match="triton backend"):
+        branch_contexts(cu, cu_k, torch.tensor([0, 1, 2, 3, 3, 4, 5]), 6)  # its own first query as context
+
+
 def test_flex_refuses_other_key_layouts():
     """A segment whose key list does not end with its own queries cannot be expressed by the rule."""
     cu = torch.tensor([0, 3, 6])
@@ -170,6 +226,8 @@ def test_flex_refuses_other_key_layouts():
     shared = torch.tensor([0, 1, 2, 0, 3, 0, 4])  # token 0 an outside key of two segments
     with pytest.raises(ValueError, match="flex backend"):
         flex_mask_tensors(torch.tensor([0, 3, 4, 5]), torch.tensor([0, 3, 5, 7]), shared, 5)
+    with pytest.raises(ValueError, match="triton backend"):  # the same check
+        branch_contexts(torch.tensor([0, 3, 4, 5]), torch.tensor([0, 3, 5, 7]), shared, 5)
 
 
 def test_backends_refuse_tokens_outside_every_segment():
@@ -184,3 +242,5 @@ def test_backends_refuse_tokens_outside_every_segment():
             build_meta(b, "sdpa")
         with pytest.raises(ValueError, match="malformed PackedBatch: its segments cover tokens"):
             flex_mask_tensors(b.cu_seqlens_q, b.cu_seqlens_k, b.k_index, 7)
+        with pytest.raises(ValueError, match="malformed PackedBatch: its segments cover tokens"):
+            branch_contexts(b.cu_seqlens_q, b.cu_seqlens_k, b.k_index, 7)

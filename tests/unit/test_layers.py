@@ -17,6 +17,7 @@ LAYERS = [
     # leaves: the contract, configs, errors, prompts, the kernels
     ["llara_fast", "llara_fast.errors", "llara_fast.batch", "llara_fast.config", "llara_fast.runtime",
      "llara_fast.templates", "llara_fast.kernels", "llara_fast.kernels.bow_xent", "llara_fast.kernels.linear_xent",
+     "llara_fast.kernels.branch_attention",
      "llara_fast.kernels.reference", "llara_fast.data", "llara_fast.data.sources", "llara_fast.data.text"],
     # the model and what it is made of
     ["llara_fast.attention", "llara_fast.lora", "llara_fast.data.records"],
