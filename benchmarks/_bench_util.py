@@ -239,7 +239,8 @@ def run_mem_case(cases: list[Case], name: str, device: torch.device) -> None:
 
 
 def run_bench(bench: str, a, argv: list[str], script: str, device: torch.device, cases: list[Case],
-              meta: dict, check: Callable[[], dict] | None = None, notes: Callable[[], str] | None = None) -> dict | None:
+              meta: dict, check: Callable[[], dict] | None = None, notes: Callable[[], str] | None = None,
+              ref_impl: str = "reference") -> dict | None:
     """The flow both kernel benchmarks share: in the memory subprocess measure one case and
     stop; otherwise time every case, run ``check`` (its dict joins the metadata), measure the
     peaks, print the table, ``notes`` and the JSON line last."""
@@ -251,7 +252,7 @@ def run_bench(bench: str, a, argv: list[str], script: str, device: torch.device,
     seconds = {c.name: time_case(c, device, warmup, iters) for c in cases}
     meta = {"device": device_label(device), **meta, "iters": iters, "warmup": warmup, **(check() if check else {})}
     peaks = {} if a.no_memory else measure_peaks(cases, device, script, argv)
-    res = report(bench, meta, cases, seconds, peaks)
+    res = report(bench, meta, cases, seconds, peaks, ref_impl)
     if notes:
         print(notes())
     print(json.dumps(res))

@@ -14,7 +14,10 @@ its minimum left is skipped and says so):
   b. released_*  throughput.py, llama2-7b at 8 blocks, 32 passages per step, the released data's
      wiki_*      shape (--synthetic) and the wiki sample: ours vs the reference, then ours with
                  each lever switched: --compile, --lm-chunk-rows 256 (the old 32 MiB chunks),
-                 --no-reshard (FSDP2 keeps gathered blocks to backward), --attn flex;
+                 --no-reshard (FSDP2 keeps gathered blocks to backward), --attn flex, --attn triton
+                 (ours: kernels/branch_attention.py);
+  b1. attn_*     bench_branch_attention.py: one attention call, forward and forward+backward, every
+                 backend (triton, torch_varlen, flex, sdpa), llama2-7b heads, released and wiki lengths;
   b2. linear_xent_* bench_linear_xent.py at the llama2-7b and SmolLM2 head shapes, ours beside
                  Liger-Kernel's and cut-cross-entropy's fused linear CE (wheels staged in
                  .bench_assets/wheels by pretrain_gpu.sh stage, installed --no-deps there);
@@ -62,8 +65,8 @@ class Suite:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def part(self, name: str, argv: list[str], min_s: float, max_s: float) -> dict:
-        """Run one part (a subprocess) into OUT/<name>.log; returns and records its status."""
+    def part(self, name: str, argv: list[str], min_s: float, max_s: float, env: dict | None = None) -> dict:
+        """Run one part (a subprocess, os.environ + env) into OUT/<name>.log; returns and records its status."""
         if self.only is not None and name not in self.only:
             r = {"status": "skipped", "reason": "not in --parts"}
             self.results[name] = r
@@ -77,7 +80,7 @@ class Suite:
         t0 = time.monotonic()
         log = self.out / f"{name}.log"
         timeout = max(1.0, min(max_s, self.left()))
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
         with open(log, "w") as f:
             f.write("$ " + " ".join(argv) + "\n")
             f.flush()
@@ -145,6 +148,15 @@ def run_suite(s: Suite) -> None:
     s.part("released_chunk256", throughput_args(s, "--impl", "ours", *rel, "--lm-chunk-rows", "256"), 30, 70)
     s.part("released_noreshard", throughput_args(s, "--impl", "ours", *rel, "--no-reshard"), 30, 70)
     s.part("released_flex", throughput_args(s, "--impl", "ours", *rel, "--attn", "sdpa" if smoke else "flex"), 30, 90)
+    interp = {"TRITON_INTERPRET": "1"} if smoke else None  # the Triton kernels run interpreted on a CPU
+    s.part("released_triton", throughput_args(s, "--impl", "ours", *rel, "--attn", "triton"), 30, 90, interp)
+    # the attention call alone, every backend: llama2-7b heads, the released shape and wiki-like lengths
+    attn_shape = ["--examples", "2", "--text-len", "24", "--text-len-min", "5", "--heads", "4", "--kv-heads", "2",
+                  "--head-dim", "16", "--iters", "1", "--warmup", "0", "--no-memory"] if smoke else []
+    s.part("attn_released", _py("benchmarks/bench_branch_attention.py", *attn_shape), 20, 60, interp)
+    s.part("attn_wiki", _py("benchmarks/bench_branch_attention.py", *(attn_shape or
+                                                                      ["--text-len", "200", "--text-len-min", "40"])),
+           20, 60, interp)
     s.part("wiki_compile", throughput_args(s, "--impl", "ours", *wiki, "--compile"), 30, 100)
 
     # ours beside Liger-Kernel and cut-cross-entropy (wheels staged in .bench_assets/wheels)
@@ -218,7 +230,9 @@ def summarize(s: Suite) -> dict:
             "compile": get("released_compile", "ours", "passages_per_s"),
             "lm_chunk_rows_256": get("released_chunk256", "ours", "passages_per_s"),
             "no_reshard": get("released_noreshard", "ours", "passages_per_s"),
-            "attn_flex": get("released_flex", "ours", "passages_per_s")},
+            "attn_flex": get("released_flex", "ours", "passages_per_s"),
+            "attn_triton": get("released_triton", "ours", "passages_per_s")},
+        "attention": {name: _attn_cases(s, name) for name in ("attn_released", "attn_wiki")},
         "levers_wiki_passages_per_s": {"eager": get("wiki_both", "ours", "passages_per_s"),
                                        "compile": get("wiki_compile", "ours", "passages_per_s")},
         "linear_xent": {name: (s.results.get(name, {}).get("json") or {}) for name in
@@ -243,6 +257,12 @@ def summarize(s: Suite) -> dict:
     return out
 
 
+def _attn_cases(s: Suite, part: str) -> dict:
+    """{backend:pass: median ms} of a bench_branch_attention part."""
+    j = s.results.get(part, {}).get("json") or {}
+    return {c["name"]: round(c["ms"], 3) for c in j.get("cases", [])}
+
+
 def summary_md(r: dict) -> str:
     f = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
     lines = [f"# GPU suite, {r['date']}, {r['device']}", "", f"versions: {r['versions']}", "",
@@ -261,6 +281,9 @@ def summary_md(r: dict) -> str:
                  f"{k} {f(v)}" for k, v in r["levers_released_passages_per_s"].items()),
              "Levers, ours, wiki sample, passages/s: " + ", ".join(
                  f"{k} {f(v)}" for k, v in r["levers_wiki_passages_per_s"].items()), ""]
+    for name, cases in r["attention"].items():
+        lines.append(f"{name}, one attention call, median ms: " + (", ".join(f"{k} {v}" for k, v in cases.items())
+                                                                  or "-"))
     for name in ("profile_eager", "profile_compiled"):
         p = r.get(name)
         if p:

@@ -112,7 +112,7 @@ def parse_args(argv=None):
                    help="reference in bf16: deepspeed = bf16 module + fp32 master weights in the optimizer (as the "
                         "released code ran, ZeRO-1); autocast = fp32 module under torch.autocast (HF Trainer bf16)")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each block (apply_compile)")
-    p.add_argument("--attn", default="auto", help="ours: attention backend (auto, sdpa, torch_varlen, flash_attn, flex)")
+    p.add_argument("--attn", default="auto", help="ours: attention backend (auto, sdpa, torch_varlen, flash_attn, flex, triton)")
     p.add_argument("--loss-impl", default="auto", choices=["auto", "triton", "torch", "reference"],
                    help="ours: LossConfig.impl (auto: Triton kernels on GPU, chunked PyTorch on CPU)")
     p.add_argument("--lm-chunk-rows", type=int, default=0,
