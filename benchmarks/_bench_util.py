@@ -72,20 +72,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             "fp16": torch.float16, "float16": torch.float16}[name]
 
 
-def add_common_args(p) -> None:
+def add_run_args(p) -> None:
+    """The arguments every kernel benchmark takes: device, dtype, timing, memory, seed."""
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per case (default 3 CPU, 20 CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1 CPU, 3 CUDA)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(MEM_CASE_FLAG, dest="mem_case", default=None, help="(internal)")
+
+
+def add_common_args(p) -> None:
+    """add_run_args and the loss benchmarks' shapes and switches."""
+    add_run_args(p)
     p.add_argument("--vocab", type=int, default=49152 + 16, help="SmolLM2 vocabulary + 16 special tokens")
     p.add_argument("--dim", type=int, default=576, help="hidden size (576 = SmolLM2-135M, 4096 = llama2-7b)")
     p.add_argument("--impl", default="auto", choices=["auto", "triton", "torch"],
                    help="ours: auto = Triton on CUDA, chunked PyTorch on CPU")
     p.add_argument("--gemm", default="auto", choices=["auto", "on", "off"],
                    help="also time the bare GEMMs of the same shapes (auto: on CUDA only)")
-    p.add_argument("--iters", type=int, default=None, help="timed calls per case (default 3 CPU, 20 CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1 CPU, 3 CUDA)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(MEM_CASE_FLAG, dest="mem_case", default=None, help="(internal)")
 
 
 class Case:
@@ -240,7 +246,7 @@ def run_mem_case(cases: list[Case], name: str, device: torch.device) -> None:
 
 def run_bench(bench: str, a, argv: list[str], script: str, device: torch.device, cases: list[Case],
               meta: dict, check: Callable[[], dict] | None = None, notes: Callable[[], str] | None = None,
-              ref_impl: str = "reference") -> dict | None:
+              ref_impl: str | Callable[[str], str] = "reference") -> dict | None:
     """The flow both kernel benchmarks share: in the memory subprocess measure one case and
     stop; otherwise time every case, run ``check`` (its dict joins the metadata), measure the
     peaks, print the table, ``notes`` and the JSON line last."""
@@ -274,18 +280,22 @@ def versions() -> dict:
     return {"torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda}
 
 
-def report(bench: str, meta: dict, cases: list[Case], seconds: dict, peaks: dict, ref_impl: str = "reference") -> dict:
-    """Print the table (ratios against ``ref_impl`` in the same mode) and return the JSON record."""
+def report(bench: str, meta: dict, cases: list[Case], seconds: dict, peaks: dict,
+           ref_impl: str | Callable[[str], str] = "reference") -> dict:
+    """Print the table (ratios against ``ref_impl`` in the same mode; a callable names each
+    impl's own baseline) and return the JSON record."""
+    base = ref_impl if callable(ref_impl) else (lambda _impl: ref_impl)
     rows = []
     print(f"{bench}: " + ", ".join(f"{k}={v}" for k, v in meta.items()))
-    hdr = (f"{'impl':<10} {'pass':<8} {'median ms':>10} {'GFLOP/s':>9} {'peak MiB':>9} {'-grads MiB':>10} "
+    w = max([10] + [len(c.impl) for c in cases])
+    hdr = (f"{'impl':<{w}} {'pass':<8} {'median ms':>10} {'GFLOP/s':>9} {'peak MiB':>9} {'-grads MiB':>10} "
            f"{'time/ref':>9} {'mem/ref':>8} {'-grads/ref':>10}")
     print(hdr)
     print("-" * len(hdr))
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     ratio = lambda x, y: x / y if x is not None and y else None  # noqa: E731
     for c in cases:
-        ref = next((r for r in cases if r.impl == ref_impl and r.mode == c.mode), None)
+        ref = next((r for r in cases if r.impl == base(c.impl) and r.mode == c.mode), None)
         s, pk = seconds[c.name], peaks.get(c.name)
         ex = None if pk is None else pk - c.grad_bytes  # the working memory beyond the returned gradients
         rpk = peaks.get(ref.name) if ref else None
@@ -295,7 +305,7 @@ def report(bench: str, meta: dict, cases: list[Case], seconds: dict, peaks: dict
         rows.append({"name": c.name, "impl": c.impl, "pass": c.mode, "ms": s * 1e3, "gflops": c.flops / s / 1e9,
                      "peak_mib": mib(pk), "grads_mib": c.grad_bytes / MiB, "peak_minus_grads_mib": mib(ex),
                      "time_vs_ref": t_ratio, "mem_vs_ref": ratio(pk, rpk), "mem_minus_grads_vs_ref": ratio(ex, rex)})
-        print(f"{c.impl:<10} {c.mode:<8} {s * 1e3:>10.1f} {c.flops / s / 1e9:>9.1f} {fmt(mib(pk), '9.1f'):>9} "
+        print(f"{c.impl:<{w}} {c.mode:<8} {s * 1e3:>10.1f} {c.flops / s / 1e9:>9.1f} {fmt(mib(pk), '9.1f'):>9} "
               f"{fmt(mib(ex), '10.1f'):>10} {fmt(t_ratio, '9.2f'):>9} {fmt(ratio(pk, rpk), '8.3f'):>8} "
               f"{fmt(ratio(ex, rex), '10.3f'):>10}")
     return {"bench": bench, **meta, "versions": versions(), "cases": rows}

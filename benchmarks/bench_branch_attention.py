@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import MEM_CASE_FLAG, Case, resolve_device, resolve_dtype, run_bench  # noqa: E402
+from _bench_util import Case, add_run_args, resolve_device, resolve_dtype, run_bench  # noqa: E402
 
 from llara_fast.attention import available_backends, build_meta, packed_attention  # noqa: E402
 from llara_fast.batch import Example  # noqa: E402
@@ -61,8 +61,7 @@ def make_batch(a, device: torch.device):
 def main(argv: list[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    add_run_args(p)
     p.add_argument("--examples", type=int, default=32, help="passages in the batch")
     p.add_argument("--text-len", type=int, default=500, help="passage tokens (the longest, with --text-len-min)")
     p.add_argument("--text-len-min", type=int, default=None, help="shortest passage (default: --text-len)")
@@ -70,11 +69,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--kv-heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--backends", default="all", help="comma list, or all (every backend available here)")
-    p.add_argument("--iters", type=int, default=None, help="timed calls per case (default 3 CPU, 20 CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1 CPU, 3 CUDA)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(MEM_CASE_FLAG, dest="mem_case", default=None, help="(internal)")
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)

@@ -12,8 +12,9 @@ Parts, most important first (--budget-s caps the whole; a part that would start 
 its minimum left is skipped and says so):
   a. tests       the kernel and attention tests (bf16 on the GPU);
   b. released_*  throughput.py, llama2-7b at 8 blocks, 32 passages per step, the released data's
-     wiki_*      shape (--synthetic) and the wiki sample: ours vs the reference, then ours with
-                 each lever switched: --compile, --lm-chunk-rows 256 (the old 32 MiB chunks),
+     wiki_*      shape (--synthetic) and the wiki sample: ours with the training defaults (on CUDA:
+                 compiled blocks) vs the reference, then ours with each lever switched away from
+                 them: --compile off, --lm-chunk-rows 256 (the old 32 MiB chunks),
                  --no-reshard (FSDP2 keeps gathered blocks to backward), --attn flex, --attn triton
                  (ours: kernels/branch_attention.py);
   b1. attn_*     bench_branch_attention.py: one attention call, forward and forward+backward, every
@@ -21,8 +22,10 @@ its minimum left is skipped and says so):
   b2. linear_xent_* bench_linear_xent.py at the llama2-7b and SmolLM2 head shapes, ours beside
                  Liger-Kernel's and cut-cross-entropy's fused linear CE (wheels staged in
                  .bench_assets/wheels by pretrain_gpu.sh stage, installed --no-deps there);
-  c. profile     throughput.py --profile: one step of ours grouped (profile_breakdown.py), eager
-                 and compiled, released shape;
+  b3. block_ops  bench_block_ops.py: RMSNorm, RoPE, SwiGLU's gate at llama2-7b's shape, eager,
+                 compiled and Liger-Kernel's (is a fused kernel of our own worth writing?);
+  c. profile     throughput.py --profile: one step of ours grouped (profile_breakdown.py), the
+                 defaults and eager, released shape;
   d. pretrain_*  `python -m llara_fast.pretrain`: the embedded default (SmolLM2 shape) and llama2-7b
                  at 8 blocks on the prepared wiki sample; then throughput.py --data-dir on the same
                  directory, token budget and passages per step (the trainer's tokens/s against the
@@ -140,11 +143,12 @@ def run_suite(s: Suite) -> None:
     s.part("tests", _py("-m", "pytest", "-q", "-p", "no:cacheprovider",
                         *(["tests/kernels/test_linear_xent.py", "-k", "default_chunk"] if smoke else tests)), 20, 100)
     rel, wiki = ["--synthetic"], []
-    s.part("released_both", throughput_args(s, "--impl", "both", *rel, "--profile", str(s.out / "profile-eager.json")),
+    # the defaults (on CUDA: compiled blocks), then each lever switched away from them
+    s.part("released_both", throughput_args(s, "--impl", "both", *rel, "--profile", str(s.out / "profile-default.json")),
            40, 120)
     s.part("wiki_both", throughput_args(s, "--impl", "both", *wiki), 40, 100)
-    s.part("released_compile", throughput_args(s, "--impl", "ours", *rel, "--compile",
-                                               "--profile", str(s.out / "profile-compiled.json")), 40, 120)
+    s.part("released_eager", throughput_args(s, "--impl", "ours", *rel, "--compile", "off",
+                                             "--profile", str(s.out / "profile-eager.json")), 40, 120)
     s.part("released_chunk256", throughput_args(s, "--impl", "ours", *rel, "--lm-chunk-rows", "256"), 30, 70)
     s.part("released_noreshard", throughput_args(s, "--impl", "ours", *rel, "--no-reshard"), 30, 70)
     s.part("released_flex", throughput_args(s, "--impl", "ours", *rel, "--attn", "sdpa" if smoke else "flex"), 30, 90)
@@ -153,11 +157,11 @@ def run_suite(s: Suite) -> None:
     # the attention call alone, every backend: llama2-7b heads, the released shape and wiki-like lengths
     attn_shape = ["--examples", "2", "--text-len", "24", "--text-len-min", "5", "--heads", "4", "--kv-heads", "2",
                   "--head-dim", "16", "--iters", "1", "--warmup", "0", "--no-memory"] if smoke else []
-    s.part("attn_released", _py("benchmarks/bench_branch_attention.py", *attn_shape), 20, 60, interp)
+    s.part("attn_released", _py("benchmarks/bench_branch_attention.py", *attn_shape), 20, 120, interp)  # flex compiles
     s.part("attn_wiki", _py("benchmarks/bench_branch_attention.py", *(attn_shape or
                                                                       ["--text-len", "200", "--text-len-min", "40"])),
-           20, 60, interp)
-    s.part("wiki_compile", throughput_args(s, "--impl", "ours", *wiki, "--compile"), 30, 100)
+           20, 120, interp)
+    s.part("wiki_eager", throughput_args(s, "--impl", "ours", *wiki, "--compile", "off"), 30, 100)
 
     # ours beside Liger-Kernel and cut-cross-entropy (wheels staged in .bench_assets/wheels)
     libs = s.runs / "libs"
@@ -169,6 +173,10 @@ def run_suite(s: Suite) -> None:
                         ("linear_xent_smollm2", ["--vocab", "49168", "--dim", "576", "--tokens", "16384"])):
         shape = ["--vocab", "512", "--dim", "32", "--tokens", "64", "--device", "cpu", "--no-memory"] if smoke else shape
         s.part(name, _py("benchmarks/bench_linear_xent.py", *shape, "--libs", "auto"), 20, 60)
+    # RMSNorm / RoPE / SwiGLU: eager, compiled, Liger's; whether fused kernels of our own would pay
+    ops_shape = ["--tokens", "256", "--dim", "64", "--ffn", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                 "--iters", "1", "--no-memory", "--impls", "eager,compile"] if smoke else []
+    s.part("block_ops", _py("benchmarks/bench_block_ops.py", *ops_shape), 30, 90)
     tok_smol = [] if smoke else ["--model.random_init", "true", "--model.tokenizer", str(ASSETS / "smollm2-tokenizer")]
     s.part("pretrain_default", pretrain_args(s, "default", *tok_smol, *([] if smoke else ["--run.steps", "60"])), 40, 100)
     wiki_dir = s.runs / "wiki-llama"
@@ -226,17 +234,19 @@ def summarize(s: Suite) -> dict:
         "peak_mem_ratio_wiki": ratio("wiki_both", "peak_mib"),
         "loss_step1": {impl: (get("released_both", impl, "first_loss") or [None])[0] for impl in ("ours", "reference")},
         "levers_released_passages_per_s": {
-            "eager": get("released_both", "ours", "passages_per_s"),
-            "compile": get("released_compile", "ours", "passages_per_s"),
+            "default": get("released_both", "ours", "passages_per_s"),
+            "eager": get("released_eager", "ours", "passages_per_s"),
             "lm_chunk_rows_256": get("released_chunk256", "ours", "passages_per_s"),
             "no_reshard": get("released_noreshard", "ours", "passages_per_s"),
             "attn_flex": get("released_flex", "ours", "passages_per_s"),
             "attn_triton": get("released_triton", "ours", "passages_per_s")},
-        "attention": {name: _attn_cases(s, name) for name in ("attn_released", "attn_wiki")},
-        "levers_wiki_passages_per_s": {"eager": get("wiki_both", "ours", "passages_per_s"),
-                                       "compile": get("wiki_compile", "ours", "passages_per_s")},
+        "attention": {name: _bench_cases(s, name) for name in ("attn_released", "attn_wiki")},
+        "levers_wiki_passages_per_s": {"default": get("wiki_both", "ours", "passages_per_s"),
+                                       "eager": get("wiki_eager", "ours", "passages_per_s")},
+        "fast_path": meta.get("fast_path_ours"),
         "linear_xent": {name: (s.results.get(name, {}).get("json") or {}) for name in
                         ("linear_xent_llama", "linear_xent_smollm2")},
+        "block_ops": _bench_cases(s, "block_ops"),
         "pretrain_tokens_per_s": pre.get("tokens_per_s"),
         "throughput_tokens_per_s": get("throughput_l8_data", "ours", "tokens_per_s"),
         "pretrain_default": s.results.get("pretrain_default", {}).get("rates"),
@@ -246,7 +256,7 @@ def summarize(s: Suite) -> dict:
     }
     if out["pretrain_tokens_per_s"] and out["throughput_tokens_per_s"]:
         out["pretrain_vs_throughput"] = out["pretrain_tokens_per_s"] / out["throughput_tokens_per_s"]
-    for name in ("profile-eager", "profile-compiled"):
+    for name in ("profile-default", "profile-eager"):
         p = s.out / f"{name}.json"
         if p.exists():
             out[name.replace("-", "_")] = json.loads(p.read_text())
@@ -257,8 +267,8 @@ def summarize(s: Suite) -> dict:
     return out
 
 
-def _attn_cases(s: Suite, part: str) -> dict:
-    """{backend:pass: median ms} of a bench_branch_attention part."""
+def _bench_cases(s: Suite, part: str) -> dict:
+    """{impl:pass: median ms} of a kernel-benchmark part (bench_branch_attention, bench_block_ops)."""
     j = s.results.get(part, {}).get("json") or {}
     return {c["name"]: round(c["ms"], 3) for c in j.get("cases", [])}
 
@@ -277,14 +287,15 @@ def summary_md(r: dict) -> str:
              f"{f(r['loss_step1']['reference'], '.4f')} | equal within bf16 |",
              f"| pretrain L8 tokens/s; throughput.py same data | {f(r['pretrain_tokens_per_s'], '.0f')}; "
              f"{f(r['throughput_tokens_per_s'], '.0f')} | within 5% |", "",
+             f"Defaults picked (ours): {r.get('fast_path')}", "",
              "Levers, ours, released shape, passages/s: " + ", ".join(
                  f"{k} {f(v)}" for k, v in r["levers_released_passages_per_s"].items()),
              "Levers, ours, wiki sample, passages/s: " + ", ".join(
                  f"{k} {f(v)}" for k, v in r["levers_wiki_passages_per_s"].items()), ""]
-    for name, cases in r["attention"].items():
-        lines.append(f"{name}, one attention call, median ms: " + (", ".join(f"{k} {v}" for k, v in cases.items())
+    for name, cases in {**r["attention"], "block_ops": r.get("block_ops") or {}}.items():
+        lines.append(f"{name}, one call, median ms: " + (", ".join(f"{k} {v}" for k, v in cases.items())
                                                                   or "-"))
-    for name in ("profile_eager", "profile_compiled"):
+    for name in ("profile_default", "profile_eager"):
         p = r.get(name)
         if p:
             lines.append(f"{name}: wall {p['wall_ms']:.1f} ms; " + ", ".join(

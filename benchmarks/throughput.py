@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--model PRESET|DIR] [--layers L] [--impl ours|reference|both]
         [--steps N] [--warmup W] [--passages-per-step P] [--max-len N] [--dtype auto|fp32|bf16]
-        [--compile] [--attn BACKEND] [--loss-impl IMPL] [--lm-chunk-rows N] [--no-reshard]
+        [--compile auto|on|off] [--attn BACKEND] [--loss-impl IMPL] [--lm-chunk-rows N] [--no-reshard]
         [--ac none|selective|full] [--token-budget T] [--profile FILE.json]
         [--ref-precision deepspeed|autocast] [--synthetic | --data-dir DIR] [--random-init] [--tokenizer PATH]
         [--device auto|cpu|cuda] [--lr LR] [--seed S]
@@ -18,7 +18,8 @@ bracketed by ``torch.cuda.synchronize()`` on a GPU. Every step takes the next P 
 
 - ours: exactly what ``llara_fast.pretrain`` runs, through the same ``Trainer``
   (llara_fast.train.trainer): a 1-process group (gloo on CPU, NCCL on GPU), ``Trainer.build``
-  (activation checkpointing / compile of the blocks if asked, ``LlaraTrainModule`` under FSDP2:
+  (activation checkpointing if asked, compile of the blocks as training does it: ``--compile auto``
+  = on with CUDA, off on CPU; ``LlaraTrainModule`` under FSDP2:
   fp32 master parameters, bf16 compute on GPU, fp32 throughout on CPU; AdamW at a constant
   learning rate), ``Trainer.step`` (the one optimizer-step core, grad clip 1.0), the
   attention backend ``--attn`` (auto: flash_attn / torch_varlen on GPU, sdpa on CPU) and the
@@ -111,7 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--ref-precision", default="deepspeed", choices=["deepspeed", "autocast"],
                    help="reference in bf16: deepspeed = bf16 module + fp32 master weights in the optimizer (as the "
                         "released code ran, ZeRO-1); autocast = fp32 module under torch.autocast (HF Trainer bf16)")
-    p.add_argument("--compile", action="store_true", help="ours: torch.compile each block (apply_compile)")
+    p.add_argument("--compile", default="auto", nargs="?", const="on", choices=["auto", "on", "off"],
+                   help="ours: torch.compile each block (model.compile; auto: on with CUDA, off on CPU, as in training)")
     p.add_argument("--attn", default="auto", help="ours: attention backend (auto, sdpa, torch_varlen, flash_attn, flex, triton)")
     p.add_argument("--loss-impl", default="auto", choices=["auto", "triton", "torch", "reference"],
                    help="ours: LossConfig.impl (auto: Triton kernels on GPU, chunked PyTorch on CPU)")
@@ -257,7 +259,8 @@ def run_ours(a, pristine, step_batches, device, dtype) -> dict:
     mem.start()
     model = copy.deepcopy(pristine)
     cfg = PretrainConfig()
-    cfg.model.ac, cfg.model.compile, cfg.model.reshard = a.ac, a.compile, not a.no_reshard
+    cfg.model.ac, cfg.model.reshard = a.ac, not a.no_reshard
+    cfg.model.compile = {"auto": "auto", "on": "true", "off": "false"}[a.compile]
     cfg.optim = OptimConfig(lr=a.lr, weight_decay=0.0, warmup_steps=0, decay="constant", grad_clip=1.0)
     cfg.run.device, cfg.run.dtype, cfg.run.steps = device.type, str(dtype).removeprefix("torch."), len(step_batches)
     trainer = Trainer(cfg, "throughput", default_steps=(1, 1))
@@ -279,8 +282,9 @@ def run_ours(a, pristine, step_batches, device, dtype) -> dict:
         with open(a.profile, "w") as f:
             json.dump(report, f, indent=1)
         print(format_breakdown(report, f"ours, {a.model}, {data}"))
+    fast = trainer.fast_path
     del trainer, model
-    return {"times": times, "losses": losses, "peak_bytes": peak}
+    return {"times": times, "losses": losses, "peak_bytes": peak, "fast_path": fast}
 
 
 def run_reference(a, pristine, step_batches, device, dtype) -> dict:
@@ -399,7 +403,8 @@ def main(argv=None) -> dict:
             "dtype": a.dtype, "data": a.data_dir or ("synthetic" if a.synthetic else "wiki-sample"), "max_len": a.max_len,
             "passages_per_step": P, "micro_batches_ours": len(ours_batches[0]), "steps": a.steps,
             "warmup": a.warmup, "ref_precision": a.ref_precision if dtype != torch.float32 else "fp32",
-            "attn": a.attn, "loss_impl": a.loss_impl, "lm_chunk_rows": a.lm_chunk_rows, "compile": a.compile, "reshard": not a.no_reshard, "ac": a.ac,
+            "attn": a.attn, "loss_impl": a.loss_impl, "lm_chunk_rows": a.lm_chunk_rows, "compile": a.compile,
+            "reshard": not a.no_reshard, "ac": a.ac, "fast_path_ours": raw.get("ours", {}).get("fast_path"),
             "mean_passage_tokens": round(float(np.mean([len(e.text_ids) for e in examples])), 1),
             "peak_bf16_tflops": peak, "load_avg_1m_at_start": load0, "malloc_tuned": malloc_tuned}
     print_table(meta, results, ratio)

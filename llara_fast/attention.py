@@ -299,6 +299,7 @@ def _flash_attn(q, k, v, meta: AttnMeta) -> torch.Tensor:
                                   meta.max_seqlen_k, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True)
 
 
+@torch.compiler.disable  # compiled blocks call it as its own region: its launches are not traced
 def _triton(q, k, v, meta: AttnMeta) -> torch.Tensor:
     return branch_attention(q, k, v, meta.cu_seqlens_q, meta.ctx_start, meta.ctx_end, meta.max_seqlen_q,
                             meta.max_ctx)  # (N, H, D)

@@ -114,7 +114,7 @@ class PrepareOptions:
     workers: int | None = None         # tokenising processes (default: all cores)
     batch_records: int = 256
     shard_examples: int = 100_000
-    limit: int | None = None           # read at most this many records
+    limit: int | None = None           # read at most this many records (None or 0: all)
     prompts: PromptConfig = PromptConfig()
     overwrite: bool = False
     progress: bool = True
@@ -447,12 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
     p.add_argument("--workers", type=int, default=None, help="tokenising processes (default: all cores)")
     p.add_argument("--shard-examples", type=int, default=100_000)
-    p.add_argument("--limit", type=int, default=None, help="read at most this many records")
+    p.add_argument("--limit", type=int, default=None, help="read at most this many records (0: all)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if (a.cutoff_len is None) == (a.max_len is None):
         p.error("give exactly one of --cutoff-len and --max-len")
+    if a.limit is not None and a.limit < 0:
+        p.error(f"--limit must be >= 0 (0: all records), got {a.limit}")
     try:
         summary = prepare(a.input, a.format, a.tokenizer, a.max_len, a.out, PrepareOptions(
             cutoff_len=a.cutoff_len, target_max_len=a.target_max_len, remove_stopwords=a.remove_stopwords,

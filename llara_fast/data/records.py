@@ -124,9 +124,10 @@ def decode_record(rec: Record, fmt: str):
 
 
 def batches(records: Iterable[Record], size: int, limit: int | None) -> Iterator[list[Record]]:
+    """Lists of ``size`` records, the first ``limit`` records only (None or 0: all, as pretrain's data.limit 0)."""
     batch = []
     for i, rec in enumerate(records):
-        if limit is not None and i >= limit:
+        if limit and i >= limit:
             break
         batch.append(rec)
         if len(batch) == size:

@@ -35,7 +35,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, CTX0, CTX1,
                 stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh, stride_ln,
-                n_heads, D, qk_scale, GROUP: tl.constexpr,
+                D, qk_scale, GROUP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, s, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q0 = tl.load(CU + s)
@@ -262,7 +262,7 @@ def branch_attention_forward(q, k, v, cu, c0, c1, max_seqlen: int):
     grid = (triton.cdiv(max_seqlen, BM), cu.shape[0] - 1, H)
     _fwd_kernel[grid](q, k, v, out, lse, cu, c0, c1,
                       q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-                      H, D, scale * _LOG2E, GROUP=H // k.shape[1], BLOCK_M=BM, BLOCK_N=BN,
+                      D, scale * _LOG2E, GROUP=H // k.shape[1], BLOCK_M=BM, BLOCK_N=BN,
                       BLOCK_D=cfg["BLOCK_D"], PRECISION=_precision(q.dtype), **opts)
     return out, lse
 
@@ -300,7 +300,7 @@ class BranchAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, ctx_start, ctx_end, max_seqlen, max_ctx):
         _check(q, k, v, cu_seqlens, ctx_start, ctx_end)
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        q, k, v = (t.contiguous() for t in (q, k, v))  # the gradients and dO share these strides
         cu, c0, c1 = _int32(cu_seqlens), _int32(ctx_start), _int32(ctx_end)
         out, lse = branch_attention_forward(q, k, v, cu, c0, c1, max_seqlen)
         ctx.save_for_backward(q, k, v, out, lse, cu, c0, c1)

@@ -24,9 +24,11 @@ class ModelConfig:
     layers: int = opt(0, "keep only the first L blocks (0: all), for quick runs and benchmarks")
     random_init: bool = opt(False, "a preset's shape with random weights even if it ships weights (speed runs "
                             "without the weights package; pair with `tokenizer`)")
-    attn: str = opt("auto", "attention backend: auto, sdpa, torch_varlen, flash_attn, flex (opt-in)")
+    attn: str = opt("auto", "attention backend: auto, sdpa, torch_varlen, flash_attn, flex, triton (the last two "
+                    "opt-in)")
     ac: str = opt("none", "activation checkpointing: none, selective, full")
-    compile: bool = opt(False, "torch.compile each block")
+    compile: str = opt("auto", "torch.compile each block, shapes dynamic (no recompile per batch): auto = on with "
+                       "CUDA, off on CPU; true; false")
     reshard: bool = opt(True, "FSDP2: free each block's gathered (compute-dtype) parameters after its forward and "
                               "gather again in backward; false keeps them from forward to backward (a lever for one "
                               "GPU: no second gather and cast per block, at the memory of one compute-dtype copy)")
@@ -59,7 +61,21 @@ class RunConfig:
     seed: int = opt(0, "model init for presets without weights")
 
 
+def compile_enabled(value: str, device_type: str) -> bool:
+    """model.compile resolved for a device: auto is on with CUDA, off elsewhere."""
+    v = str(value).lower()
+    if v == "auto":
+        return device_type == "cuda"
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"model.compile must be auto, true or false, got {value!r}")
+
+
 def _coerce(value, typ, where):
+    if typ is str and isinstance(value, bool):  # a tri-state key (auto/true/false) given a TOML boolean
+        return str(value).lower()
     if isinstance(value, str) and typ is not str:
         if typ is bool:
             if value.lower() in ("1", "true", "yes", "on"):

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from llara_fast.attention import resolve_backend
 from llara_fast.errors import ConfigError, UserError
 from llara_fast.io.checkpoint import (
     TrainState,
@@ -43,8 +44,9 @@ from llara_fast.io.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from llara_fast.kernels import use_triton
 from llara_fast.runtime import tune_cpu_malloc
-from llara_fast.train.config import load_config, to_toml
+from llara_fast.train.config import compile_enabled, load_config, to_toml
 from llara_fast.train.parallel import parallelize
 from llara_fast.train.step import StepStats, build_optimizer, lr_lambda, optimizer_step
 
@@ -82,6 +84,27 @@ def init_run(run) -> tuple[int, int, torch.device, torch.dtype]:
         tune_cpu_malloc()
     device = torch.device(dev_type, torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     return rank, world, device, dtype
+
+
+def fast_path(cfg, device: torch.device, dtype: torch.dtype) -> dict:
+    """What the config's auto settings resolve to on this device: the attention backend, compile
+    of the blocks, the losses' implementation (jobs with a loss section), compute dtype, FSDP2
+    resharding and activation checkpointing. Bad names are config errors, before any work."""
+    m = cfg.model
+    try:
+        attn = resolve_backend(m.attn, device, dtype)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"model.attn: {e}") from None
+    out = {"attention": attn, "compile": compile_enabled(m.compile, device.type),
+           "dtype": str(dtype).removeprefix("torch."), "reshard": m.reshard, "ac": m.ac}
+    impl = getattr(getattr(cfg, "loss", None), "impl", None)
+    if impl is not None:
+        out["losses"] = impl if impl == "reference" else ("triton" if use_triton(device, impl) else "torch (chunked)")
+    return out
+
+
+def describe_fast_path(fp: dict) -> str:
+    return ", ".join(f"{k} {('on' if v else 'off') if isinstance(v, bool) else v}" for k, v in fp.items())
 
 
 class Preempted(UserError):
@@ -198,6 +221,7 @@ class Trainer:
         self.cfg, self.job = cfg, job
         self.rank, self.world, self.device, self.dtype = init_run(cfg.run)
         self.on_gpu = self.device.type == "cuda"
+        self.fast_path = fast_path(cfg, self.device, self.dtype)
         self.steps = cfg.run.steps or default_steps[self.on_gpu]
         cfg.run.steps = self.steps  # the saved config is the resolved one
         self.out = Path(cfg.run.out_dir)
@@ -231,7 +255,9 @@ class Trainer:
         the learning-rate schedule over self.steps."""
         m, o = self.cfg.model, self.cfg.optim
         self.model, self.objective = model, objective
-        self.module = parallelize(model, module.to(self.device), m.ac, m.compile, self.dtype, m.reshard)
+        self.log(f"{self.job} on {self.device.type}: {describe_fast_path(self.fast_path)}")
+        self.module = parallelize(model, module.to(self.device), m.ac, self.fast_path["compile"], self.dtype,
+                                  m.reshard)
         self.optimizer = build_optimizer(self.module, o.lr, o.weight_decay, (o.beta1, o.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(o.warmup_steps, self.steps, o.decay, o.min_lr_ratio))
@@ -332,6 +358,12 @@ def cli(argv: list[str] | None, config_cls, run_fn: Callable, prog: str, doc: st
     if argv[:1] in (["-h"], ["--help"]):
         print(doc)
         print(to_toml(config_cls(), with_help=True))
+        cfg = config_cls()
+        gpu = torch.cuda.is_available()
+        dev = torch.device("cuda" if gpu else "cpu")
+        where = f"CUDA ({torch.cuda.get_device_name(0)})" if gpu else "no CUDA device"
+        print(f"# on this machine ({where}) the defaults pick: "
+              f"{describe_fast_path(fast_path(cfg, dev, torch.bfloat16 if gpu else torch.float32))}")
         return 0
     try:
         summary = run_fn(load_config(argv, config_cls))

@@ -95,3 +95,19 @@ def test_bad_input_raises():
         branch_attention(q, k, v, cu, c0[:-1], c1, max_len, max_ctx)
     with pytest.raises(ValueError, match="do not group"):
         branch_attention(q[:, :1].expand(-1, 3, -1), k, v, cu, c0, c1, max_len, max_ctx)
+
+
+def test_strided_inputs_equal_contiguous():
+    """q, k, v that are views into wider projections (as a fused qkv GEMM would give) produce the
+    same output and gradients, bit for bit, as contiguous copies."""
+    cu, c0, c1, max_len, max_ctx = _layout("branches", "cpu")
+    q, k, v, do = _inputs("branches", torch.float32, "cpu")
+    wide = torch.cat([q.detach(), k.detach(), v.detach()], dim=1).requires_grad_()  # (N, H + 2 KV, D)
+    H, KV = q.shape[1], k.shape[1]
+    views = wide[:, :H], wide[:, H:H + KV], wide[:, H + KV:]
+    got = branch_attention(*views, cu, c0, c1, max_len, max_ctx)
+    got_grad, = torch.autograd.grad(got, wide, do)
+    want = branch_attention(q, k, v, cu, c0, c1, max_len, max_ctx)
+    want_grads = torch.autograd.grad(want, (q, k, v), do)
+    assert torch.equal(got, want)
+    assert torch.equal(got_grad, torch.cat(want_grads, dim=1))

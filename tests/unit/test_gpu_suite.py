@@ -21,17 +21,18 @@ def test_summary_figures(tmp_path):
                               "first_loss": [12.0]},
                              {"passages_per_s": 60.0, "mfu_ours": 0.27, "peak_mib": 40.0, "first_loss": [12.01]}),
         "wiki_both": _tp({"passages_per_s": 300.0, "peak_mib": 10.0}, {"passages_per_s": 100.0, "peak_mib": 20.0}),
-        "released_compile": _tp({"passages_per_s": 120.0}),
+        "released_eager": _tp({"passages_per_s": 70.0}),
         "pretrain_l8": {"status": "ok", "rates": {"tokens_per_s": 50_000.0}},
         "throughput_l8_data": _tp({"tokens_per_s": 52_000.0}),
-        "wiki_compile": {"status": "failed", "rc": 1},
+        "wiki_eager": {"status": "failed", "rc": 1},
         "pretrain_7b_full": {"status": "skipped", "reason": "GPU memory 80 GB < 120 GB"},
     }
     r = gpu_suite.summarize(s)
     assert r["device"] == "NVIDIA H200"
     assert r["released_ratio"] == 1.5 and r["wiki_ratio"] == 3.0 and r["peak_mem_ratio"] == 0.75
     assert r["released_mfu"] == 0.41 and r["loss_step1"] == {"ours": 12.0, "reference": 12.01}
-    assert r["levers_released_passages_per_s"]["compile"] == 120.0
+    assert r["levers_released_passages_per_s"]["default"] == 90.0
+    assert r["levers_released_passages_per_s"]["eager"] == 70.0
     assert r["levers_released_passages_per_s"]["attn_flex"] is None  # a part that did not run is null
     assert abs(r["pretrain_vs_throughput"] - 50 / 52) < 1e-12
     for key in ("device", "released_ratio", "released_mfu", "wiki_ratio", "peak_mem_ratio",

@@ -66,6 +66,13 @@ def test_released_format_roundtrip(tmp_path, smol):
     assert m["token_dtype"] == "uint16" and m["counts"]["examples"] == 3
 
 
+def test_limit(tmp_path):
+    """limit N reads the first N records; 0 reads all of them, as pretrain's data.limit 0 does."""
+    inp = write_jsonl(tmp_path / "data.jsonl", RELEASED)
+    assert run(tmp_path, inp, name="two", limit=2)["examples"] == 2
+    assert run(tmp_path, inp, name="all", limit=0)["examples"] == len(RELEASED)
+
+
 def test_bad_records_counted_by_reason(tmp_path):
     good = RELEASED[0]
     rows = [good, b"{not json\n", b'{"input": "caf\xe9", "output_summarize": "a", "output_predict": "b"}\n',

@@ -4,11 +4,13 @@ import dataclasses
 
 import pytest
 import tomllib
+import torch
 
 from llara_fast.errors import ConfigError, UserError
 from llara_fast.finetune import FinetuneConfig
 from llara_fast.pretrain import PretrainConfig, main
-from llara_fast.train.config import load_config, to_toml
+from llara_fast.train.config import compile_enabled, load_config, to_toml
+from llara_fast.train.trainer import fast_path
 
 
 @pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
@@ -24,6 +26,23 @@ def test_help_prints_defaults_with_their_help(capsys):
     assert "[optim]" in out and "# peak learning rate (AdamW)" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("cutoff_len = "))
     assert line.startswith("cutoff_len = 0") and "# or the released code's cutoff_len" in line
+    # what the auto settings pick here (no CUDA device on the test machine)
+    assert ("# on this machine (no CUDA device) the defaults pick: attention sdpa, compile off, dtype float32, "
+            "reshard on, ac none, losses torch (chunked)") in out
+
+
+def test_fast_path_and_compile_setting(tmp_path):
+    cfg = PretrainConfig()
+    assert fast_path(cfg, torch.device("cpu"), torch.float32)["compile"] is False
+    assert compile_enabled("auto", "cuda") and not compile_enabled("auto", "cpu")
+    assert compile_enabled("true", "cpu") and not compile_enabled("false", "cuda")
+    f = tmp_path / "c.toml"
+    f.write_text("[model]\ncompile = true\n")  # a TOML boolean, as older RUN/config.toml files hold
+    assert load_config(["--config", str(f)], PretrainConfig).model.compile == "true"
+    with pytest.raises(ConfigError, match="model.compile must be auto, true or false"):
+        fast_path(load_config(["--model.compile", "fast"], PretrainConfig), torch.device("cpu"), torch.float32)
+    with pytest.raises(ConfigError, match="model.attn: unknown attention backend"):
+        fast_path(load_config(["--model.attn", "xformers"], PretrainConfig), torch.device("cpu"), torch.float32)
 
 
 def test_overrides_toml_and_errors(tmp_path):
