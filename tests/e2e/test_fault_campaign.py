@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_short_fault_campaign_survives(tmp_path):
     out = tmp_path / "summary.json"
-    run_entry([str(ROOT / "benchmarks" / "fault_campaign.py")], ["--tries", "2", "--steps", "4", "--seed", "3",
+    run_entry([str(ROOT / "benchmarks" / "fault_campaign.py")], ["--tries", "1", "--steps", "4", "--seed", "3",
                                                                     "--out", str(out)], timeout=600)
     s = json.loads(out.read_text())
-    assert s["survived"] == s["tries"] == 2  # two interrupted runs, each resumed to the reference
+    assert s["survived"] == s["tries"] == 1  # an interrupted run, resumed to the reference

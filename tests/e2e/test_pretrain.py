@@ -70,16 +70,17 @@ def test_resume_after_kill_is_exact(tmp_path, data_dir):
             assert m[k] == pytest.approx(w[k], rel=1e-6, abs=1e-7), (m["step"], k)
 
 
-def test_clear_errors(tmp_path, data_dir):
+def test_clear_errors(tmp_path, data_dir, capsys):
     from llara_fast.data.prepare import PrepareOptions, prepare
     from llara_fast.data.sources import sentencepiece_model_path
+    from llara_fast.pretrain import main
 
-    p = _run(["--run.stepz", "3"], check=False)
-    assert p.returncode == 2 and "unknown key run.stepz; did you mean run.steps?" in p.stderr
+    # config errors stop before any work: exit 2, one line (in this process: the CLI's own path)
+    assert main(["--run.stepz", "3"]) == 2
+    assert "unknown key run.stepz; did you mean run.steps?" in capsys.readouterr().err
     cfg = tmp_path / "c.toml"
     cfg.write_text("[optim]\nlr = 'fast'\n")
-    p = _run(["--config", str(cfg)], check=False)
-    assert p.returncode == 2 and "optim.lr: expected float" in p.stderr
+    assert main(["--config", str(cfg)]) == 2 and "optim.lr: expected float" in capsys.readouterr().err
 
     other = tmp_path / "other"
     prepare(None, "wiki-sample", str(sentencepiece_model_path()), 96, other,
