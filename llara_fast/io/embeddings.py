@@ -15,7 +15,6 @@ different model, corpus, shard size, dtype or prompt is refused, naming the fiel
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 from collections import Counter
@@ -28,7 +27,7 @@ from llara_fast.errors import InputNotFound, UserError
 MANIFEST = "embeddings.json"
 COMPLETE = "COMPLETE"
 DTYPES = {"float16": np.float16, "float32": np.float32}
-HEAD_BYTES = 64 * 2**20  # the corpus identity hashes this much of the file (plus its size)
+BLOCK_BYTES = 2**24  # the corpus file is read in blocks of 16 MiB
 
 
 def shard_name(i: int) -> str:
@@ -36,20 +35,19 @@ def shard_name(i: int) -> str:
 
 
 def corpus_identity(path: str | os.PathLike) -> dict:
-    """Size and line count of the corpus file and the sha256 of its first 64 MiB."""
+    """Size, line count and sha256 of the whole corpus file, in one streamed pass (hashing runs
+    at about 1 GB/s: seconds against hours of encoding, and an edit anywhere is seen)."""
     p = Path(path)
     if not p.is_file():
         raise InputNotFound(f"{p}: no such corpus file")
     h, lines, last = hashlib.sha256(), 0, b"\n"
     with open(p, "rb") as f:
-        head = f.read(HEAD_BYTES)
-        h.update(head)
-        for block in itertools.chain([head], iter(lambda: f.read(2**24), b"")):  # streamed
+        for block in iter(lambda: f.read(BLOCK_BYTES), b""):
+            h.update(block)
             lines += block.count(b"\n")
-            last = block[-1:] or last
+            last = block[-1:]
     lines += last != b"\n"  # a last line without its newline
-    size = p.stat().st_size
-    return {"bytes": size, "lines": lines, "sha256_head": h.hexdigest()}
+    return {"bytes": p.stat().st_size, "lines": lines, "sha256": h.hexdigest()}
 
 
 class EmbeddingShards:

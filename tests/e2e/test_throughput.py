@@ -69,7 +69,7 @@ def test_collate_is_the_design_layout_left_padded():
     real_pairs = 0
     for i, ex in enumerate(exs):
         ids, pos, add = reference_layout(tpl, ex.text_ids[:12])  # one example alone, DESIGN §1
-        n, o = ids.shape[1], L - ids.shape[1]
+        o = L - ids.shape[1]  # left pads
         assert int(b.pad[i]) == o and (b.input_ids[i, :o] == 0).all()
         assert torch.equal(b.input_ids[i, o:], ids[0]) and torch.equal(b.position_ids[i, o:], pos[0])
         assert torch.equal(mask[i, o:, o:], add[0, 0] == 0)

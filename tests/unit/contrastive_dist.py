@@ -16,8 +16,7 @@ from llara_fast.objectives.contrastive import ContrastiveConfig, ContrastiveModu
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # test_contrastive and the tests' conftest
-from test_contrastive import (GROUP, Q_TOTAL, TEMPERATURE, global_batch, micro_batches,  # noqa: E402
-                              step_grads, tiny_model)
+from test_contrastive import GROUP, Q_TOTAL, TEMPERATURE, global_batch, micro_batches, step_grads, tiny_model  # noqa: E402
 
 
 def main(out_path: str, grad_cache: bool = False):

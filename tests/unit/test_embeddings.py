@@ -75,4 +75,18 @@ def test_corpus_identity_counts_lines(tmp_path, text, lines):
     ident = corpus_identity(f)
     assert ident["lines"] == lines and ident["bytes"] == len(text.encode())
     f.write_bytes((text + "x").encode())
-    assert corpus_identity(f)["sha256_head"] != ident["sha256_head"]
+    assert corpus_identity(f)["sha256"] != ident["sha256"]
+
+
+def test_corpus_identity_sees_an_edit_past_the_first_block(tmp_path, monkeypatch):
+    """Same size, same lines, one byte changed in the last block: another corpus."""
+    from llara_fast.io import embeddings
+
+    monkeypatch.setattr(embeddings, "BLOCK_BYTES", 8)  # many blocks from a small file
+    f = tmp_path / "c.jsonl"
+    f.write_bytes(b"first line\nsecond line\nthird\n")
+    ident = corpus_identity(f)
+    f.write_bytes(b"first line\nsecond line\nthirD\n")
+    other = corpus_identity(f)
+    assert (other["bytes"], other["lines"]) == (ident["bytes"], ident["lines"]) == (29, 3)
+    assert other["sha256"] != ident["sha256"]

@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from conftest import _float64_norms_and_rope, random_examples, reference_layout, toy_template
+
 from llara_fast.config import FAMILIES, PRESETS, ModelArgs
 from llara_fast.data.packing import pack_reference
 from llara_fast.errors import UserError
