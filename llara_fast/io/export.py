@@ -1,6 +1,6 @@
 """Drop-in HF export (DESIGN §2 "export (HF dir)").
 
-    python -m llara_fast.export --checkpoint SRC --out DIR [--dtype fp32|bf16] [--max-shard-size 5GB]
+    python -m llara_fast.export --checkpoint SRC --out DIR [--dtype fp32|bf16] [--max-shard-size 5GB] [--max-len 512]
 
 SRC is a preset (``smollm2-135m``), an HF LLaMA directory, a ``.gguf`` file, or a training
 checkpoint RUN/checkpoints/step_N of llara_fast.pretrain. DIR becomes a standard HF directory that
@@ -68,6 +68,7 @@ class ExportOptions:
     source: str | None = None                     # what the model came from, for the card and llara_fast.json
     source_dir: str | os.PathLike | None = None   # an HF directory whose generation_config.json is kept
     overwrite: bool = False
+    max_len: int = 512                            # the text cap of the encode recipe (ST max_seq_length)
 
 
 def export(model, tokenizer, out_dir: str | os.PathLike, prompts: PromptConfig = PromptConfig(),
@@ -108,8 +109,8 @@ def export(model, tokenizer, out_dir: str | os.PathLike, prompts: PromptConfig =
             "special_ids": tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)}
     with open(tmp / META_FILE, "w") as f:
         json.dump(meta, f, indent=2)
-    write_sentence_transformers(tmp, template, prompts)
-    (tmp / "README.md").write_text(model_card(tokenizer, template, prompts, source, dtype))
+    write_sentence_transformers(tmp, template, prompts, opts.max_len)
+    (tmp / "README.md").write_text(model_card(tokenizer, template, prompts, source, dtype, opts.max_len))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -150,7 +151,7 @@ def _version(dist_name: str) -> str | None:
 
 
 def model_card(tokenizer, template: Template, prompts: PromptConfig, source: str | None,
-               dtype: torch.dtype) -> str:
+               dtype: torch.dtype, max_len: int = 512) -> str:
     """README.md: what the model is and the encode recipe that reproduces llara_fast's embeddings."""
     K = prompts.n_special
     sum_suffix, pred_suffix = prompts.sum_string(), prompts.pred_string()
@@ -190,7 +191,7 @@ and pads on the left.
   states (after the final norm) at `{prompts.sum_tokens[0]}`..`{prompts.sum_tokens[-1]}`, L2-normalised.
 - query: `{prompts.prefix}` + query + `{pred_suffix}`; mean over `{prompts.pred_tokens[0]}`..`{prompts.pred_tokens[-1]}`, L2-normalised.
 - the prefix is tokenised with the tokenizer's own special tokens, the text (truncated to
-  512 tokens) and the suffix without. Score = inner product.
+  {max_len} tokens) and the suffix without. Score = inner product.
 
 {compat}
 
@@ -205,7 +206,7 @@ QUERY_SUFFIX = {pred_suffix!r}
 K = {K}  # special tokens that end each suffix
 
 
-def get_inputs(texts, suffix, tokenizer, max_length=512):
+def get_inputs(texts, suffix, tokenizer, max_length={max_len}):
     prefix_ids = tokenizer(PREFIX)["input_ids"]
     suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
     batch = []
@@ -244,7 +245,7 @@ print(model.similarity(q, p))  # inner product of unit vectors
 ```
 
 `model.encode(...)` without a task encodes as a passage. A `prompt=` is prepended to the text
-inside the template; `model.max_seq_length` is the text cap (512 tokens), the prompt pieces
+inside the template; `model.max_seq_length` is the text cap ({max_len} tokens), the prompt pieces
 come on top.
 
 The same embeddings from llara_fast (packed, unpadded):
@@ -280,14 +281,20 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output HF directory")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    ap.add_argument("--max-len", type=int, default=512,
+                    help="text cap in tokens of the exported encode recipe: the sentence-transformers module's "
+                         "max_seq_length and the card's (the prompt pieces come on top; default 512)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
+    if args.max_len < 1:
+        ap.error(f"--max-len must be >= 1, got {args.max_len}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         model, tok, prompts = load(args.checkpoint, attn_backend="sdpa")
         src_dir = resolve_source(args.checkpoint) if not is_training_checkpoint(args.checkpoint) else None
         out = export(model, tok, args.out, prompts, ExportOptions(DTYPES[args.dtype], parse_size(args.max_shard_size),
-                                                                  args.checkpoint, src_dir, args.overwrite))
+                                                                  args.checkpoint, src_dir, args.overwrite,
+                                                                  args.max_len))
     except UserError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2

@@ -239,10 +239,14 @@ def test_sentence_transformers_layout(tmp_path):
     st.max_seq_length = 5
     short = Encoder(model, tok, device="cpu", max_len=5).encode_passages(TEXTS)
     assert (st.encode_document(TEXTS, convert_to_tensor=True) - short).abs().max().item() <= 1e-6
-    assert main(["--checkpoint", str(out), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    assert main(["--checkpoint", str(out), "--out", str(tmp_path / "bf16"), "--dtype", "bf16", "--max-len", "5"]) == 0
     half = SentenceTransformer(str(tmp_path / "bf16"), trust_remote_code=True, device="cpu")
+    assert half.max_seq_length == 5  # --max-len: the exported text cap, in the module and the card
+    card = (tmp_path / "bf16" / "README.md").read_text()
+    assert "max_length=5)" in card and "(5 tokens)" in card and "512" not in card
     got = half.encode_query(QUERIES, convert_to_tensor=True)
-    assert got.dtype == torch.float32 and (got - want_q).abs().max().item() < 0.1  # bf16 weights, fp32 pooling
+    short_q = Encoder(model, tok, device="cpu", max_len=5).encode_queries(QUERIES)
+    assert got.dtype == torch.float32 and (got - short_q).abs().max().item() < 0.1  # bf16 weights, fp32 pooling
 
 
 def test_swapped_tokenizer_is_refused(tmp_path):
