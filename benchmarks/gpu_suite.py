@@ -8,30 +8,30 @@ the next.
 
     device: run(command='python benchmarks/gpu_suite.py --out "$OUT"', carry=[".bench_assets"], timeout_s=590)
 
-Parts, most important first (--budget-s caps the whole; a part that would start with less than
-its minimum left is skipped and says so):
+Parts, in this order, the acceptance figures first (--budget-s caps the whole; a part that would
+start with less than its minimum left is skipped and says so; --parts reruns those in a second call):
   a. tests       the kernel and attention tests (bf16 on the GPU);
-  b. released_*  throughput.py, llama2-7b at 8 blocks, 32 passages per step, the released data's
-     wiki_*      shape (--synthetic) and the wiki sample: ours with the training defaults (on CUDA:
-                 compiled blocks) vs the reference, then ours with each lever switched away from
-                 them: --compile off, --lm-chunk-rows 256 (the old 32 MiB chunks),
-                 --no-reshard (FSDP2 keeps gathered blocks to backward), --attn flex, --attn triton
-                 (ours: kernels/branch_attention.py);
-  b1. attn_*     bench_branch_attention.py: one attention call, forward and forward+backward, every
-                 backend (triton, torch_varlen, flex, sdpa), llama2-7b heads, released and wiki lengths;
-  b2. linear_xent_* bench_linear_xent.py at the llama2-7b and SmolLM2 head shapes, ours beside
-                 Liger-Kernel's and cut-cross-entropy's fused linear CE (wheels staged in
-                 .bench_assets/wheels by pretrain_gpu.sh stage, installed --no-deps there);
-  b3. block_ops  bench_block_ops.py: RMSNorm, RoPE, SwiGLU's gate at llama2-7b's shape, eager,
-                 compiled and Liger-Kernel's (is a fused kernel of our own worth writing?);
-  c. profile     throughput.py --profile: one step of ours grouped (profile_breakdown.py), the
-                 defaults and eager, released shape;
-  d. pretrain_*  `python -m llara_fast.pretrain`: the embedded default (SmolLM2 shape) and llama2-7b
+  b. released_both, wiki_both  throughput.py, llama2-7b at 8 blocks, 32 passages per step, the
+                 released data's shape (--synthetic) and the wiki sample: ours with the training
+                 defaults (on CUDA: compiled blocks) vs the reference; with a profile of one step of
+                 ours grouped by kind (throughput.py --profile, profile_breakdown.py);
+  c. pretrain_*  `python -m llara_fast.pretrain`: the embedded default (SmolLM2 shape) and llama2-7b
                  at 8 blocks on the prepared wiki sample; then throughput.py --data-dir on the same
                  directory, token budget and passages per step (the trainer's tokens/s against the
                  benchmark's); full 32-block llama2-7b with activation checkpointing where the GPU
                  has >= 120 GB;
-  e. summary     summary.md and gpu-suite-DATE-DEVICE.json (device, released_ratio, released_mfu,
+  d. levers      ours with each lever switched away from the defaults: --compile off (profiled too),
+                 --attn triton (ours: kernels/branch_attention.py), --lm-chunk-rows 256 (the old
+                 32 MiB chunks), --no-reshard (FSDP2 keeps gathered blocks to backward), --attn flex;
+                 attn_*: bench_branch_attention.py, one attention call, forward and forward+backward,
+                 every backend (triton, torch_varlen, flex, sdpa), llama2-7b heads, released and wiki
+                 lengths;
+  e. kernels     bench_linear_xent.py at the llama2-7b and SmolLM2 head shapes, ours beside
+                 Liger-Kernel's and cut-cross-entropy's fused linear CE (wheels staged in
+                 .bench_assets/wheels by pretrain_gpu.sh stage, installed --no-deps there);
+                 bench_block_ops.py: RMSNorm, RoPE, SwiGLU's gate at llama2-7b's shape, eager,
+                 compiled and Liger-Kernel's (is a fused kernel of our own worth writing?);
+  f. summary     summary.md and gpu-suite-DATE-DEVICE.json (device, released_ratio, released_mfu,
                  wiki_ratio, peak_mem_ratio, pretrain_tokens_per_s, throughput_tokens_per_s, ...:
                  every number measured in this run, null where its part did not finish).
 Copy summary.md and the JSON into benchmarks/results/ afterwards.
@@ -137,48 +137,34 @@ def gpu_memory_gb() -> float:
 
 
 def run_suite(s: Suite) -> None:
-    smoke = s.smoke
+    """The acceptance figures first (tests, ours vs the reference, the trainer on the GPU), then
+    the levers and the kernel benchmarks, so that a tight budget skips the latter."""
     s.part("build", _py("setup.py", "-q", "build_ext", "--inplace"), 10, 90)
     tests = ["tests/kernels", "tests/unit/test_attention.py"]
     s.part("tests", _py("-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        *(["tests/kernels/test_linear_xent.py", "-k", "default_chunk"] if smoke else tests)), 20, 100)
-    rel, wiki = ["--synthetic"], []
-    # the defaults (on CUDA: compiled blocks), then each lever switched away from them
-    s.part("released_both", throughput_args(s, "--impl", "both", *rel, "--profile", str(s.out / "profile-default.json")),
-           40, 120)
-    s.part("wiki_both", throughput_args(s, "--impl", "both", *wiki), 40, 100)
-    s.part("released_eager", throughput_args(s, "--impl", "ours", *rel, "--compile", "off",
-                                             "--profile", str(s.out / "profile-eager.json")), 40, 120)
-    s.part("released_chunk256", throughput_args(s, "--impl", "ours", *rel, "--lm-chunk-rows", "256"), 30, 70)
-    s.part("released_noreshard", throughput_args(s, "--impl", "ours", *rel, "--no-reshard"), 30, 70)
-    s.part("released_flex", throughput_args(s, "--impl", "ours", *rel, "--attn", "sdpa" if smoke else "flex"), 30, 90)
-    interp = {"TRITON_INTERPRET": "1"} if smoke else None  # the Triton kernels run interpreted on a CPU
-    s.part("released_triton", throughput_args(s, "--impl", "ours", *rel, "--attn", "triton"), 30, 90, interp)
-    # the attention call alone, every backend: llama2-7b heads, the released shape and wiki-like lengths
-    attn_shape = ["--examples", "2", "--text-len", "24", "--text-len-min", "5", "--heads", "4", "--kv-heads", "2",
-                  "--head-dim", "16", "--iters", "1", "--warmup", "0", "--no-memory"] if smoke else []
-    s.part("attn_released", _py("benchmarks/bench_branch_attention.py", *attn_shape), 20, 120, interp)  # flex compiles
-    s.part("attn_wiki", _py("benchmarks/bench_branch_attention.py", *(attn_shape or
-                                                                      ["--text-len", "200", "--text-len-min", "40"])),
-           20, 120, interp)
-    s.part("wiki_eager", throughput_args(s, "--impl", "ours", *wiki, "--compile", "off"), 30, 100)
+                        *(["tests/kernels/test_linear_xent.py", "-k", "default_chunk"] if s.smoke else tests)), 20, 100)
+    # the training defaults (on CUDA: compiled blocks) against the reference
+    s.part("released_both", throughput_args(s, "--impl", "both", *RELEASED, "--profile",
+                                            str(s.out / "profile-default.json")), 40, 120)
+    s.part("wiki_both", throughput_args(s, "--impl", "both"), 40, 100)
+    run_pretrain(s)
+    run_levers(s)
+    run_kernel_benches(s)
+    s._save()
 
-    # ours beside Liger-Kernel and cut-cross-entropy (wheels staged in .bench_assets/wheels)
-    libs = s.runs / "libs"
-    wheels = sorted(str(w) for w in (ASSETS / "wheels").glob("*.whl"))
-    if wheels and not smoke:
-        s.part("libs_install", _py("-m", "pip", "install", "-q", "--no-deps", "--target", str(libs), *wheels), 5, 60)
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(libs), os.environ.get("PYTHONPATH", "")])
-    for name, shape in (("linear_xent_llama", ["--vocab", "32016", "--dim", "4096", "--tokens", "16384"]),
-                        ("linear_xent_smollm2", ["--vocab", "49168", "--dim", "576", "--tokens", "16384"])):
-        shape = ["--vocab", "512", "--dim", "32", "--tokens", "64", "--device", "cpu", "--no-memory"] if smoke else shape
-        s.part(name, _py("benchmarks/bench_linear_xent.py", *shape, "--libs", "auto"), 20, 60)
-    # RMSNorm / RoPE / SwiGLU: eager, compiled, Liger's; whether fused kernels of our own would pay
-    ops_shape = ["--tokens", "256", "--dim", "64", "--ffn", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
-                 "--iters", "1", "--no-memory", "--impls", "eager,compile"] if smoke else []
-    s.part("block_ops", _py("benchmarks/bench_block_ops.py", *ops_shape), 30, 90)
+
+RELEASED = ["--synthetic"]  # throughput.py's stand-in for the released data's shape
+
+
+def run_pretrain(s: Suite) -> None:
+    """The trainer itself: the embedded default, llama2-7b at 8 blocks on the wiki sample against
+    throughput.py on the same data, the full 7B where the memory allows."""
+    smoke = s.smoke
     tok_smol = [] if smoke else ["--model.random_init", "true", "--model.tokenizer", str(ASSETS / "smollm2-tokenizer")]
-    s.part("pretrain_default", pretrain_args(s, "default", *tok_smol, *([] if smoke else ["--run.steps", "60"])), 40, 100)
+    r = s.part("pretrain_default", pretrain_args(s, "default", *tok_smol, *([] if smoke else ["--run.steps", "60"])),
+               40, 100)
+    if r["status"] == "ok":
+        r["rates"] = pretrain_rates(s.runs / "default", 1 if smoke else 10)
     wiki_dir = s.runs / "wiki-llama"
     tok_llama = [] if smoke else ["--tokenizer", str(ASSETS / "tokenizer.model.v1")]
     s.part("prepare_wiki", _py("-m", "llara_fast.data.prepare", "--format", "wiki-sample", "--max-len", "128",
@@ -205,9 +191,46 @@ def run_suite(s: Suite) -> None:
             r["rates"] = pretrain_rates(s.runs / "full", 1 if smoke else 2)
     else:
         s.results["pretrain_7b_full"] = {"status": "skipped", "reason": f"GPU memory {mem_gb:.0f} GB < 120 GB"}
-    if s.results.get("pretrain_default", {}).get("status") == "ok":
-        s.results["pretrain_default"]["rates"] = pretrain_rates(s.runs / "default", 1 if smoke else 10)
     s._save()
+
+
+def run_levers(s: Suite) -> None:
+    """Ours with each lever switched away from the defaults, and the attention backends alone."""
+    smoke = s.smoke
+    s.part("released_eager", throughput_args(s, "--impl", "ours", *RELEASED, "--compile", "off",
+                                             "--profile", str(s.out / "profile-eager.json")), 40, 120)
+    interp = {"TRITON_INTERPRET": "1"} if smoke else None  # the Triton kernels run interpreted on a CPU
+    s.part("released_triton", throughput_args(s, "--impl", "ours", *RELEASED, "--attn", "triton"), 30, 90, interp)
+    # the attention call alone, every backend: llama2-7b heads, the released shape and wiki-like lengths
+    attn_shape = ["--examples", "2", "--text-len", "24", "--text-len-min", "5", "--heads", "4", "--kv-heads", "2",
+                  "--head-dim", "16", "--iters", "1", "--warmup", "0", "--no-memory"] if smoke else []
+    s.part("attn_released", _py("benchmarks/bench_branch_attention.py", *attn_shape), 20, 120, interp)  # flex compiles
+    s.part("released_chunk256", throughput_args(s, "--impl", "ours", *RELEASED, "--lm-chunk-rows", "256"), 30, 70)
+    s.part("released_noreshard", throughput_args(s, "--impl", "ours", *RELEASED, "--no-reshard"), 30, 70)
+    s.part("released_flex", throughput_args(s, "--impl", "ours", *RELEASED, "--attn", "sdpa" if smoke else "flex"),
+           30, 90)
+    s.part("wiki_eager", throughput_args(s, "--impl", "ours", "--compile", "off"), 30, 100)
+    s.part("attn_wiki", _py("benchmarks/bench_branch_attention.py", *(attn_shape or
+                                                                      ["--text-len", "200", "--text-len-min", "40"])),
+           20, 120, interp)
+
+
+def run_kernel_benches(s: Suite) -> None:
+    """Ours beside Liger-Kernel and cut-cross-entropy (wheels staged in .bench_assets/wheels)."""
+    smoke = s.smoke
+    libs = s.runs / "libs"
+    wheels = sorted(str(w) for w in (ASSETS / "wheels").glob("*.whl"))
+    if wheels and not smoke:
+        s.part("libs_install", _py("-m", "pip", "install", "-q", "--no-deps", "--target", str(libs), *wheels), 5, 60)
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(libs), os.environ.get("PYTHONPATH", "")])
+    for name, shape in (("linear_xent_llama", ["--vocab", "32016", "--dim", "4096", "--tokens", "16384"]),
+                        ("linear_xent_smollm2", ["--vocab", "49168", "--dim", "576", "--tokens", "16384"])):
+        shape = ["--vocab", "512", "--dim", "32", "--tokens", "64", "--device", "cpu", "--no-memory"] if smoke else shape
+        s.part(name, _py("benchmarks/bench_linear_xent.py", *shape, "--libs", "auto"), 20, 60)
+    # RMSNorm / RoPE / SwiGLU: eager, compiled, Liger's; whether fused kernels of our own would pay
+    ops_shape = ["--tokens", "256", "--dim", "64", "--ffn", "128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                 "--iters", "1", "--no-memory", "--impls", "eager,compile"] if smoke else []
+    s.part("block_ops", _py("benchmarks/bench_block_ops.py", *ops_shape), 30, 90)
 
 
 # ---- summary -----------------------------------------------------------------------------------
