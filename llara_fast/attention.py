@@ -163,8 +163,8 @@ def _example_blocks(batch: PackedBatch) -> list:
 
 def _split_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Tensor, n: int, backend: str):
     """Checks that each segment's key list is (outside keys) + (its own queries, in order), with
-    a token an outside key of at most one segment, which the packers produce (one host sync per
-    batch). Returns (cu_q, cu_k int64, seg_k (n_keys,) segment of each key, place (n_keys,) in
+    a token an outside key of at most one segment, which the packers produce, and every key a
+    token of the stream (a few host syncs per batch on a GPU). Returns (cu_q, cu_k int64, seg_k (n_keys,) segment of each key, place (n_keys,) in
     its segment's outside keys (or -1 for its own), n_ext (S,) outside keys per segment)."""
     dev = k_index.device
     cu_q, cu_k = cu_q.to(dev, torch.int64), cu_k.to(dev, torch.int64)
@@ -178,6 +178,9 @@ def _split_keys(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Tensor, n
     outside = kidx[~own]
     if int(cu_q[0]) != 0 or int(cu_q[-1]) != n:  # the segments tile the stream (no padding)
         raise ValueError(f"malformed PackedBatch: its segments cover tokens {int(cu_q[0])}..{int(cu_q[-1])} of {n}")
+    if n_keys and (int(kidx.min()) < 0 or int(kidx.max()) >= n):
+        raise ValueError(f"malformed PackedBatch: k_index holds {int(kidx.min())}..{int(kidx.max())}, outside the "
+                         f"stream's {n} tokens")
     if (n_seg and bool((n_ext < 0).any())) or not tail_ok or (
             outside.numel() and int(torch.bincount(outside, minlength=n).max()) > 1):
         raise ValueError(f"{backend} backend: this PackedBatch's key lists are not (outside context) + "
@@ -205,7 +208,10 @@ def flex_mask_tensors(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Ten
 def branch_contexts(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Tensor, n: int):
     """(ctx_start (S,), ctx_end (S,) int32, max_ctx): segment s's outside keys as one token range,
     which is what the triton backend reads. Beyond _split_keys' check, each segment's outside keys
-    must be consecutive tokens outside its own queries (a branch's BOS..TEXT is)."""
+    must be consecutive tokens outside its own queries (a branch's BOS..TEXT is). Computed on
+    the host (three copies there, two back) rather than with a host sync per check on the GPU."""
+    dev = k_index.device
+    cu_q, cu_k, k_index = cu_q.cpu(), cu_k.cpu(), k_index.cpu()
     cu_q, cu_k, seg_k, place, n_ext = _split_keys(cu_q, cu_k, k_index, n, "triton")
     kidx = k_index.to(torch.int64)
     has = n_ext > 0  # (S,)
@@ -218,7 +224,8 @@ def branch_contexts(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Tenso
             ((t_out >= cu_q[s_out]) & (t_out < cu_q[s_out + 1])).any()):
         raise ValueError("triton backend: a segment's outside keys are not one range of consecutive tokens "
                          "outside its own queries; use sdpa")
-    return c0.to(torch.int32), c1.to(torch.int32), int(n_ext.max()) if len(n_ext) else 0
+    c0, c1 = (t.to(torch.int32).to(dev, non_blocking=True) for t in (c0, c1))
+    return c0, c1, int(n_ext.max()) if len(n_ext) else 0
 
 
 def _flex_block_mask(batch: PackedBatch):

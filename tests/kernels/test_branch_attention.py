@@ -1,9 +1,10 @@
 """branch_attention (packed causal attention + one outside key range per segment) against the
 dense PyTorch reference: fp32 against a float64 truth within tests/errmodel.py's attention bound,
-fp16 against the fp32 reference (interpreted on CPU), bf16 on a GPU."""
+fp16 (and bf16) against the fp32 reference; interpreted on a CPU, compiled on a GPU, where bf16
+and a llama-sized case (head dim 128, segments over several tiles) run too."""
 import pytest
 import torch
-from conftest import CUDA, poison_empty
+from conftest import CUDA, needs_interpreter, poison_empty
 from errmodel import assert_within, attention_tols
 
 from llara_fast.kernels import branch_attention as ba_mod
@@ -16,8 +17,11 @@ LAYOUTS = {
     "branches": ([37, 9, 1, 50, 20], {1: (0, 30), 4: (47, 92)}),
     "awkward": ([17, 33, 5, 70], {0: (22, 50), 2: (90, 125), 3: (17, 21)}),  # later / spanning contexts
     "plain": ([16, 3, 48], {}),  # encoding batches: no contexts
+    "llama": ([300, 12, 1, 257, 9], {1: (0, 290), 4: (302, 550)}),  # GPU only: several 128-row tiles
 }
-HEADS = {"branches": (4, 2, 24), "awkward": (3, 1, 16), "plain": (2, 2, 40)}  # H, KV, D: GQA, MQA, D not a power of 2
+HEADS = {"branches": (4, 2, 24), "awkward": (3, 1, 16), "plain": (2, 2, 40),  # H, KV, D: GQA, MQA, D not 2^k
+         "llama": (8, 2, 128)}
+DEVICE = "cuda" if CUDA else "cpu"  # for the tests of one case: compiled on a GPU, interpreted elsewhere
 HALF_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}  # a stored fp16 / bf16 value is off by 5e-4 / 4e-3 relative
 
 
@@ -41,15 +45,18 @@ def _inputs(name, dtype, device):
 
 
 def _cases():
-    cases = [pytest.param("cpu", d, id=f"cpu-{d}".replace("torch.", "")) for d in (torch.float32, torch.float16)]
-    cases.append(pytest.param("cuda", torch.bfloat16, id="cuda-bfloat16",
-                              marks=pytest.mark.skipif(not CUDA, reason="bf16 kernels are tested on a GPU only")))
-    return cases
+    gpu = pytest.mark.skipif(not CUDA, reason="no CUDA device (bf16 and the compiled kernels: GPU only)")
+    cases = [pytest.param("cpu", d, id=f"cpu-{d}".replace("torch.", ""), marks=needs_interpreter)
+             for d in (torch.float32, torch.float16)]
+    return cases + [pytest.param("cuda", d, id=f"cuda-{d}".replace("torch.", ""), marks=gpu)
+                    for d in (torch.float32, torch.float16, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("device,dtype", _cases())
 def test_matches_reference(device, dtype, name, monkeypatch):
+    if name == "llama" and device == "cpu":
+        pytest.skip("the llama-sized case runs compiled, on a GPU (minutes interpreted)")
     monkeypatch.setattr(ba_mod, "_empty", poison_empty)  # an unwritten row or gradient shows as NaN
     cu, c0, c1, max_len, max_ctx = _layout(name, device)
     q, k, v, do = _inputs(name, dtype, device)
@@ -61,7 +68,7 @@ def test_matches_reference(device, dtype, name, monkeypatch):
         want_grads = torch.autograd.grad(want, (q64, k64, v64), do.double())
         tols = attention_tols(q, k, v, branch_attention_mask(cu, c0, c1), do)
         for what, got, ref, tol in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads), tols):
-            assert_within(got.cpu(), ref.detach(), tol, what)
+            assert_within(got.cpu(), ref.detach().cpu(), tol, what)
         return
     want = branch_attention_reference(q, k, v, cu, c0, c1)  # fp32 arithmetic on the half inputs
     want_grads = torch.autograd.grad(want, (q, k, v), do)
@@ -100,8 +107,8 @@ def test_bad_input_raises():
 def test_strided_inputs_equal_contiguous():
     """q, k, v that are views into wider projections (as a fused qkv GEMM would give) produce the
     same output and gradients, bit for bit, as contiguous copies."""
-    cu, c0, c1, max_len, max_ctx = _layout("branches", "cpu")
-    q, k, v, do = _inputs("branches", torch.float32, "cpu")
+    cu, c0, c1, max_len, max_ctx = _layout("branches", DEVICE)
+    q, k, v, do = _inputs("branches", torch.float32, DEVICE)
     wide = torch.cat([q.detach(), k.detach(), v.detach()], dim=1).requires_grad_()  # (N, H + 2 KV, D)
     H, KV = q.shape[1], k.shape[1]
     views = wide[:, :H], wide[:, H:H + KV], wide[:, H + KV:]

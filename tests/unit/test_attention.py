@@ -189,15 +189,18 @@ def test_branch_contexts_equal_the_segments(layout):
 
 @pytest.mark.parametrize("layout", ["train", "encode"])
 def test_triton_backend_matches_sdpa(layout):
-    """The Triton kernel (interpreted) on packed batches, fp32 with grouped-query heads, forward
-    and backward, against sdpa in float64 within the attention rounding bound."""
+    """The Triton kernel (interpreted on a CPU, compiled on a GPU) on packed batches, fp32 with
+    grouped-query heads, forward and backward, against sdpa in float64 within the attention
+    rounding bound."""
     b = _layouts(layout)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(3)
     N = b.num_tokens
     q, k, v = (torch.randn(N, h, 16, generator=g, requires_grad=True) for h in (6, 2, 2))
     do = torch.randn(N, 6, 16, generator=g)
-    got = packed_attention(q, k, v, build_meta(b, "triton"))
-    got_grads = torch.autograd.grad(got, (q, k, v), do)
+    on_dev = [t.detach().to(dev).requires_grad_() for t in (q, k, v)]
+    out = packed_attention(*on_dev, build_meta(b.to(dev), "triton"))
+    got, got_grads = out.cpu(), [x.cpu() for x in torch.autograd.grad(out, on_dev, do.to(dev))]
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     want = packed_attention(q64, k64, v64, build_meta(b, "sdpa"))
     want_grads = torch.autograd.grad(want, (q64, k64, v64), do.double())
@@ -215,6 +218,8 @@ def test_triton_refuses_scattered_contexts():
     cu, cu_k = torch.tensor([0, 3, 6]), torch.tensor([0, 3, 7])
     with pytest.raises(ValueError, match="triton backend"):
         branch_contexts(cu, cu_k, torch.tensor([0, 1, 2, 3, 3, 4, 5]), 6)  # its own first query as context
+    with pytest.raises(ValueError, match="k_index holds 0..9, outside the stream's 6 tokens"):
+        branch_contexts(cu, cu_k, torch.tensor([0, 1, 2, 9, 3, 4, 5]), 6)  # a key past the stream
 
 
 def test_flex_refuses_other_key_layouts():
