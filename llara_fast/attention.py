@@ -229,8 +229,9 @@ def branch_contexts(cu_q: torch.Tensor, cu_k: torch.Tensor, k_index: torch.Tenso
 
 
 def _flex_block_mask(batch: PackedBatch):
-    n = batch.input_ids.shape[0]
-    seg, ext = flex_mask_tensors(batch.cu_seqlens_q, batch.cu_seqlens_k, batch.k_index, n)
+    n, dev = batch.input_ids.shape[0], batch.input_ids.device
+    seg, ext = flex_mask_tensors(batch.cu_seqlens_q.cpu(), batch.cu_seqlens_k.cpu(), batch.k_index.cpu(), n)
+    seg, ext = seg.to(dev, non_blocking=True), ext.to(dev, non_blocking=True)  # checked on the host: few syncs
 
     def mask_mod(b, h, q_idx, kv_idx):
         return ((seg[q_idx] == seg[kv_idx]) & (kv_idx <= q_idx)) | (ext[kv_idx] == seg[q_idx])
