@@ -179,7 +179,8 @@ def run_pretrain(s: Suite) -> None:
         rates = pretrain_rates(s.runs / "l8", 1 if smoke else 5)
         r["rates"] = rates
         p = str(int(rates["passages_per_step"] or 32))
-        extra = ["--data-dir", str(wiki_dir), "--token-budget", budget, "--passages-per-step", p, "--impl", "ours"]
+        extra = ["--data-dir", str(wiki_dir), "--token-budget", budget, "--passages-per-step", p, "--impl", "ours",
+                 *(["--layers", "1"] if smoke else [])]  # the pretrain parts' one block in SMOKE
         s.part("throughput_l8_data", throughput_args(s, *extra), 40, 90)
     mem_gb = gpu_memory_gb()
     if smoke or mem_gb >= 120:
