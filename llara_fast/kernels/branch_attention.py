@@ -224,15 +224,16 @@ def _precision(dtype: torch.dtype) -> str:
 def _blocks(D: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options. Interpreted: the smallest tiles tl.dot takes. On a GPU:
     FlashAttention-2-like tiles for head dims up to 128; fp32 (IEEE products, no tensor cores)
-    takes 32 x 32 tiles over 8 warps. Checked for sm_90 with Triton 3.6 / 3.7: bf16/fp16 under
-    228 KB of shared memory and without register spills; the speed is the GPU suite's to measure."""
+    takes 32 x 32 tiles over 8 warps; dK/dV take 32 queries x 128 keys (Q and dO reused over more
+    keys). Checked for sm_90 with Triton 3.6 and 3.7.1: bf16/fp16 under the 227 KB of shared memory,
+    register spills at head dim 128 at most 8 bytes; the speed is the GPU suite's to measure."""
     BD = max(16, triton.next_power_of_2(D))
     if _interpreted():
         return dict(fwd=(16, 16, {}), dq=(16, 16, {}), dkdv=(16, 16, {}), BLOCK_D=BD)
     big = BD <= 128 and dtype != torch.float32
     return dict(fwd=(128, 64, dict(num_warps=8, num_stages=3)) if big else (32, 32, dict(num_warps=8, num_stages=1)),
                 dq=(64, 64, dict(num_warps=4, num_stages=2)) if big else (32, 32, dict(num_warps=8, num_stages=1)),
-                dkdv=(64, 64, dict(num_warps=8, num_stages=2)) if big else (32, 32, dict(num_warps=8, num_stages=1)),
+                dkdv=(32, 128, dict(num_warps=8, num_stages=2)) if big else (32, 32, dict(num_warps=8, num_stages=1)),
                 BLOCK_D=BD)
 
 
