@@ -35,6 +35,55 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _fwd_range(acc, m_i, l_i, q, K, V, stride_kn, base, lo, hi, end, offs_m, offs_d, d_ok, qk_scale,
+               CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The online softmax over keys base+lo .. base+hi (valid below base+end) of one kv head
+    (K, V point at it): the context range (base 0, every key visible) or the segment's own
+    keys (base its first token, key n visible to query m when n <= m)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        kt = tl.load(K + (base + offs_n)[None, :] * stride_kn + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
+        vv = tl.load(V + (base + offs_n)[:, None] * stride_kn + offs_d[None, :],
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, BD)
+        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BM, BN) log2 units
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None])
+        qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])  # (BM, BN)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse, delta, K, V, stride_kn, base, lo, hi, end, offs_m, m_ok, offs_d, d_ok, qk_scale,
+              CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ's sum over the same key ranges as _fwd_range, the probabilities recomputed from lse."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        kt = tl.load(K + (base + offs_n)[None, :] * stride_kn + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
+        vt = tl.load(V + (base + offs_n)[None, :] * stride_kn + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
+        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BM, BN)
+        ok = m_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.where(ok, tl.exp2(qk - lse[:, None]), 0.0)  # (BM, BN)
+        dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, CTX0, CTX1,
                 stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh, stride_ln,
                 D, qk_scale, GROUP: tl.constexpr,
@@ -56,38 +105,12 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, CTX0, CTX1,
         m_i = tl.full([BLOCK_M], _NEG, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # the context range: every key visible
-        for n0 in range(c0, c1, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < c1
-            kt = tl.load(K + offs_n[None, :] * stride_kn + kvh * stride_kh + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-            vv = tl.load(V + offs_n[:, None] * stride_kn + kvh * stride_kh + offs_d[None, :],
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, BD)
-            qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BM, BN) log2 units
-            qk = tl.where(n_ok[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])  # (BM, BN)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
-        # the segment's own keys: causal
-        for n0 in range(0, tl.minimum(L, m_start + BLOCK_M), BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < L
-            kt = tl.load(K + (q0 + offs_n)[None, :] * stride_kn + kvh * stride_kh + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-            vv = tl.load(V + (q0 + offs_n)[:, None] * stride_kn + kvh * stride_kh + offs_d[None, :],
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, BD)
-            qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BM, BN)
-            qk = tl.where(n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None]), qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])  # (BM, BN)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+        kv = K + kvh * stride_kh, V + kvh * stride_kh
+        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, *kv, stride_kn, 0, c0, c1, c1, offs_m, offs_d, d_ok, qk_scale,
+                                   CAUSAL=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION)  # the context: all visible
+        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, *kv, stride_kn, q0, 0, tl.minimum(L, m_start + BLOCK_M), L,
+                                   offs_m, offs_d, d_ok, qk_scale, CAUSAL=True, BLOCK_N=BLOCK_N,
+                                   PRECISION=PRECISION)  # the segment's own keys: causal
         l_safe = tl.where(m_ok, l_i, 1.0)  # rows past the segment are not stored
         out = acc / l_safe[:, None]
         tl.store(O + (q0 + offs_m)[:, None] * stride_on + h * stride_oh + offs_d[None, :],
@@ -120,31 +143,11 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CU, CTX0, CTX1,
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # (BM,) rowsum(dO ∘ O)
         tl.store(DELTA + (q0 + offs_m) * stride_ln + h, delta, mask=m_ok)  # for the dK/dV launches
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n0 in range(c0, c1, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < c1
-            kt = tl.load(K + offs_n[None, :] * stride_kn + kvh * stride_kh + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-            vt = tl.load(V + offs_n[None, :] * stride_kn + kvh * stride_kh + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-            qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BM, BN)
-            p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(qk - lse[:, None]), 0.0)
-            dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
-        for n0 in range(0, tl.minimum(L, m_start + BLOCK_M), BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < L
-            kt = tl.load(K + (q0 + offs_n)[None, :] * stride_kn + kvh * stride_kh + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-            vt = tl.load(V + (q0 + offs_n)[None, :] * stride_kn + kvh * stride_kh + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-            qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BM, BN)
-            ok = m_ok[:, None] & n_ok[None, :] & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(ok, tl.exp2(qk - lse[:, None]), 0.0)
-            dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
+        kv = K + kvh * stride_kh, V + kvh * stride_kh
+        dq = _dq_range(dq, q, do, lse, delta, *kv, stride_kn, 0, c0, c1, c1, offs_m, m_ok, offs_d, d_ok, qk_scale,
+                       CAUSAL=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
+        dq = _dq_range(dq, q, do, lse, delta, *kv, stride_kn, q0, 0, tl.minimum(L, m_start + BLOCK_M), L, offs_m,
+                       m_ok, offs_d, d_ok, qk_scale, CAUSAL=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION)
         tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
