@@ -14,6 +14,11 @@ if not torch.cuda.is_available():  # Triton kernels run interpreted on CPU; set 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+if os.environ.get("LLARA_TEST_MATMUL") == "shuffled":  # scripts/numerics_matrix.sh: another summation order
+    import shuffled_matmul
+
+    shuffled_matmul.install()
+
 from llara_fast.batch import Example
 from llara_fast.templates import Template
 
