@@ -58,6 +58,11 @@ class RunConfig:
     device: str = opt("auto", "auto, cpu or cuda")
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     max_nonfinite: int = opt(3, "stop after this many consecutive non-finite steps")
+    diverge_loss: float = opt(100.0, "divergence: a step whose loss exceeds this multiple of the median of the "
+                              "previous 20 steps (a median below 1 counts as 1) stops the run (0: off)")
+    diverge_grad_norm: float = opt(1e5, "divergence: a gradient norm above this, or exactly 0, for "
+                                   "diverge_patience steps in a row stops the run (0: off)")
+    diverge_patience: int = opt(3, "consecutive steps of the gradient-norm rule that make a divergence")
     seed: int = opt(0, "model init for presets without weights")
 
 

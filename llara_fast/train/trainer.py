@@ -213,6 +213,49 @@ class NonfiniteGuard:
                             f"checkpoint is {good}; lower optim.lr or check the data")
 
 
+class Diverged(UserError):
+    """The run diverged: nothing was saved from the first suspect step on."""
+
+
+class DivergenceGuard:
+    """Stops a run that diverged, before it saves a dead model: a step whose loss exceeds
+    run.diverge_loss x the median of the previous WINDOW finite losses (a median below 1 counts as
+    1, so near-zero contrastive losses do not make noise look like a blow-up), or whose gradient norm
+    exceeds run.diverge_grad_norm or is exactly 0 for run.diverge_patience steps in a row. A step
+    that meets either condition (even before the patience runs out) is never checkpointed."""
+
+    WINDOW = 20
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer, self.losses, self.bad_grads = trainer, [], 0
+
+    def check(self, step: int, stats: StepStats) -> bool:
+        """True when the step is suspect (not to be saved); raises Diverged when the rules say so."""
+        run = self.trainer.cfg.run
+        if stats.skipped:  # the non-finite guard's business
+            return True
+        loss, gn = stats.parts[0], stats.grad_norm
+        seen = None
+        if run.diverge_loss > 0 and self.losses:
+            med = sorted(self.losses)[len(self.losses) // 2]
+            if loss > run.diverge_loss * max(med, 1.0):
+                seen = (f"loss {loss:.4g} > {run.diverge_loss:g} x the median {med:.4g} of the previous "
+                        f"{len(self.losses)} steps (run.diverge_loss)")
+        grad_bad = run.diverge_grad_norm > 0 and (gn == 0.0 or gn > run.diverge_grad_norm)
+        self.bad_grads = self.bad_grads + 1 if grad_bad else 0
+        if seen is None and self.bad_grads >= max(run.diverge_patience, 1):
+            seen = (f"gradient norm {gn:.4g} ({'exactly 0' if gn == 0.0 else f'> {run.diverge_grad_norm:g}'}) "
+                    f"for {self.bad_grads} steps in a row (run.diverge_grad_norm, run.diverge_patience)")
+        if seen is not None:
+            good = latest_checkpoint(self.trainer.out)
+            then = (f"the newest checkpoint, {good}, is from before it: resume from it with a lower optim.lr" if good
+                    else "no checkpoint was saved: start again with a lower optim.lr")
+            raise Diverged(f"diverged at step {step}: {seen}; nothing saved since, {then} (or raise the "
+                           "divergence thresholds if this is expected)")
+        self.losses = (self.losses + [loss])[-self.WINDOW:]
+        return grad_bad
+
+
 class Trainer:
     hooks: list[Callable] = []  # hook(trainer, step, micro_batches, stats), after each step
 
@@ -318,7 +361,7 @@ class Trainer:
     def _loop(self, state: TrainState, start: int, job: tuple, stop: "StopSignals") -> dict:
         next_batches, describe, identity, oom_hint = job
         run = self.cfg.run
-        guard, last = NonfiniteGuard(self), {}
+        guard, diverge, last = NonfiniteGuard(self), DivergenceGuard(self), {}
         bar = tqdm(total=self.steps, initial=start, desc=self.job, unit="step", disable=self.rank != 0,
                    file=sys.stderr)
         wall0 = time.perf_counter()
@@ -328,11 +371,20 @@ class Trainer:
                 stats = self.step(batches)
                 guard.update(step, stats)
                 last, line = self._describe(step, stats, describe)
-                self._record(last, line, step % run.log_every == 0 or step == self.steps)
+                show = step % run.log_every == 0 or step == self.steps
+                self._record(last, line, show)
+                try:
+                    suspect = diverge.check(step, stats)
+                except Diverged:
+                    if not show:
+                        self.log(line)
+                    raise
                 bar.update(1)
                 signum = stop.agreed(self.device)
                 due = (run.ckpt_every and step % run.ckpt_every == 0) or step == self.steps or signum
-                if due and not stats.skipped:  # a non-finite step never becomes a checkpoint
+                if due and suspect and not stats.skipped:
+                    self.log(f"step {step}: not saved (gradient norm {stats.grad_norm:.4g}: run.diverge_grad_norm)")
+                if due and not suspect:  # a non-finite or diverging step never becomes a checkpoint
                     path = save_checkpoint(self.out, step, state, run.keep_checkpoints, identity)
                     self.log(f"saved {path}")
                 for hook in Trainer.hooks:

@@ -241,3 +241,16 @@ def test_checkpoint_of_before_the_manifests_still_resumes_and_exports(tmp_path):
     p = _run([*args, "--run.steps", "3", "--run.resume", "true"])
     assert "resumed from" in p.stdout and "(step 2)" in p.stdout
     assert [m["step"] for m in _metrics(run)] == [1, 2, 3]
+
+
+def test_a_diverged_run_stops_and_saves_nothing_of_it(tmp_path):
+    """lr 1e3 on the debug model blows up at step 2 (loss ~6e6): the run stops there with one line
+    and exit 1, and no checkpoint holds a diverged step; a healthy start saves as usual."""
+    run = tmp_path / "run"
+    p = _run([*COMMON, "--optim.lr", "1e3", "--run.steps", "8", "--run.ckpt_every", "2", "--run.out_dir", str(run)],
+             check=False)
+    assert p.returncode == 1, p.stderr[-2000:]
+    err = [ln for ln in p.stderr.splitlines() if "error:" in ln]
+    assert len(err) == 1 and "diverged at step 2: loss" in err[0] and "no checkpoint was saved" in err[0]
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step_*"))
+    assert [m["step"] for m in _metrics(run)] == [1, 2]  # the diverged step is on record
