@@ -116,6 +116,10 @@ class Encoder:
             bar.set_postfix_str(f"{done_tokens / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
         if own:
             bar.close()
+        bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten()  # (n_bad,): one check per call
+        if len(bad):
+            raise UserError(f"{len(bad)} of {len(ids)} embeddings are not finite (NaN/inf; e.g. text {int(bad[0])}): "
+                            "the model's computation overflowed; nothing was written")
         self.stats = {"texts": len(ids), "tokens": sum(lengths), "seconds": time.perf_counter() - t0}
         return out
 
@@ -270,7 +274,11 @@ def main(argv=None):
             titles.append(title)
             texts.append(text)
     t0 = time.perf_counter()
-    enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, max_len=args.max_len, device=args.device)
+    try:
+        enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, max_len=args.max_len, device=args.device)
+    except UserError as e:
+        print(f"encode: error: {e}", file=sys.stderr)
+        return 2
     t1 = time.perf_counter()
     emb = enc.encode_passages(texts, progress=True)
     t2 = time.perf_counter()

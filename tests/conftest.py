@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker (and its subprocesses),
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # so N workers on N cores do not oversubscribe them
+
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run interpreted on CPU; set before they are imported
@@ -108,11 +111,17 @@ def _float64_norms_and_rope(ref):
 CUDA = torch.cuda.is_available()
 
 
+REAL_MODEL_FIXTURES = {"smollm2"}  # the real SmolLM2-135M: those tests are e2e wherever they live
+
+
 def pytest_collection_modifyitems(config, items):
-    """Everything under tests/e2e/ is marked e2e (so is any test marked by hand)."""
+    """Everything under tests/e2e/ is marked e2e, so is every test on the real model (a fixture of
+    REAL_MODEL_FIXTURES, directly or through another fixture) and any test marked by hand: the
+    unit tier (`-m "not e2e"`) is logic on small models, in-process."""
     e2e = Path(__file__).resolve().parent / "e2e"
     for item in items:
-        if e2e in Path(str(item.fspath)).resolve().parents:
+        if e2e in Path(str(item.fspath)).resolve().parents or REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames",
+                                                                                                   ())):
             item.add_marker(pytest.mark.e2e)
 
 

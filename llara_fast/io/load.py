@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import tomllib
+import torch
 
 from llara_fast.config import PRESETS, ModelArgs
 from llara_fast.data.shards import tokenizer_fingerprint
@@ -35,6 +36,7 @@ def load(spec: str, attn_backend: str = "auto", *, tokenizer: str | None = None,
             raise UserError(f"{spec}: a training checkpoint brings its own weights and tokenizer; "
                             "drop the tokenizer / random_init setting")
         model, tok, prompts = _load_training_checkpoint(Path(spec), attn_backend)
+        check_finite(model, spec)
         return keep_layers(model, layers), tok, prompts
     if random_init and spec not in PRESETS:
         raise UserError(f"{spec}: random_init takes a preset ({', '.join(PRESETS)}), not a checkpoint")
@@ -57,7 +59,18 @@ def load(spec: str, attn_backend: str = "auto", *, tokenizer: str | None = None,
     prompts = (read_prompts(spec) if Path(spec).is_dir() else None) or PromptConfig()
     if Path(spec).is_dir():
         check_export_tokenizer(Path(spec), tok, prompts)
+    check_finite(model, spec)
     return model, tok, prompts
+
+
+def check_finite(model, spec) -> None:
+    """Refuse weights that hold NaN or inf, naming the first such tensor: they give plausible
+    looking numbers downstream (a zero nDCG, NaN embeddings, a run stopped as if the lr were too high)."""
+    for name, p in model.named_parameters():
+        bad = int((~torch.isfinite(p.detach())).sum())
+        if bad:
+            raise UserError(f"{spec}: weight {name} {tuple(p.shape)} holds {bad} non-finite value(s) (NaN/inf); "
+                            "these weights are damaged")
 
 
 def check_export_tokenizer(path: Path, tok, prompts: PromptConfig) -> None:

@@ -51,6 +51,7 @@ for dtype, D, group in json.loads(sys.argv[1]):
 CASES = [("bfloat16", 128, 1), ("bfloat16", 64, 3), ("float32", 64, 2)]  # llama2-7b, SmolLM2, the fp32 tests
 
 
+@pytest.mark.e2e  # the real compiler in a subprocess, ~25 s
 def test_branch_attention_compiles_for_sm90(tmp_path):
     try:
         import triton.backends.nvidia  # noqa: F401

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from errmodel import sum_tol
 
 from llara_fast.evaluate import (
@@ -307,3 +308,43 @@ def test_cli_with_precomputed_embeddings(tmp_path, capsys):
     manifest.write_text(json.dumps(m))
     assert main([*common, "--embeddings", str(tmp_path / "emb")]) == 2
     assert "made by another model" in capsys.readouterr().err
+
+
+def test_non_finite_weights_are_refused_in_every_cli(tmp_path, capsys):
+    """One NaN in a down_proj of an HF directory: load refuses it naming the tensor, and evaluate,
+    encode (texts and corpus) and export each stop with that one line instead of a zero nDCG, NaN
+    shards or a plausible-looking run; a model that computes NaN writes no embedding."""
+    from safetensors.torch import load_file, save_file
+
+    from llara_fast.encode import Encoder
+    from llara_fast.encode import main as encode_main
+    from llara_fast.errors import UserError
+    from llara_fast.io.export import main as export_main
+    from llara_fast.io.load import load
+
+    ds = _write_beir(tmp_path / "ds", crlf=False)
+    assert export_main(["--checkpoint", "debug", "--out", str(tmp_path / "m")]) == 0
+    st = tmp_path / "m" / "model.safetensors"
+    sd = load_file(str(st))
+    key = next(k for k in sd if k.endswith("layers.0.mlp.down_proj.weight"))
+    sd[key][3, 5] = float("nan")
+    save_file(sd, str(st), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"weight layers\.0\.feed_forward\.w2\.weight .* 1 non-finite value"):
+        load(str(tmp_path / "m"), attn_backend="sdpa")
+    capsys.readouterr()
+    runs = [lambda: main(["--model", str(tmp_path / "m"), "--beir", str(ds), "--quiet"]),
+            lambda: encode_main(["--model", str(tmp_path / "m"), "--text", "a"]),
+            lambda: encode_main(["--model", str(tmp_path / "m"), "--corpus", str(ds / "corpus.jsonl"), "--out",
+                                 str(tmp_path / "emb"), "--quiet"]),
+            lambda: export_main(["--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "again")])]
+    for run in runs:
+        assert run() != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "non-finite" in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "emb").exists() or not list((tmp_path / "emb").glob("*.npy"))
+    # weights that are finite but overflow: no embedding is returned or written
+    model, tok, _ = load("debug", attn_backend="sdpa")
+    with torch.no_grad():
+        model.norm.weight.fill_(float("inf"))
+    with pytest.raises(UserError, match="not finite"):
+        Encoder(model, tok, device="cpu").encode_passages(["a text"])

@@ -3,6 +3,7 @@ and copies, not numbers."""
 import os
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 from conftest import random_examples, toy_template
@@ -61,6 +62,7 @@ def _step_grads(model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return total.detach(), grads
 
 
+@pytest.mark.e2e  # torch.compile (inductor, a C++ toolchain) of real blocks, 6-35 s
 def test_compiled_blocks_equal_eager_without_recompiling():
     """apply_compile (inductor on CPU) gives the eager step's loss and gradients on the debug model, in float64 (the
     two differ by reassociation only: 1e-9 relative is rounding there, a real difference is not),
