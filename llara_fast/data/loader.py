@@ -251,11 +251,20 @@ def llara_loader(cfg, tokenizer, template: Template, rank: int, world: int) -> P
     else:
         src = None if m.random_init else resolve_source(m.name)
         tok_spec = m.tokenizer or (str(src) if src is not None else "smollm2-135m")
-        data_dir = cached_prepare_dir(Path(cfg.run.out_dir).parent / "data", d, tok_spec)
-        if rank == 0 and not (data_dir / MANIFEST).is_file():
-            prepare(d.input or None, d.format, tok_spec, None if d.cutoff_len else d.max_len, data_dir,
-                    PrepareOptions(cutoff_len=d.cutoff_len or None, limit=d.limit or None, overwrite=True))
-        dist.barrier()
+        box = [None]
+        if rank == 0:  # the cache is named by the input's content; rank 0 decides, the others follow
+            data_dir = cached_prepare_dir(Path(cfg.run.out_dir).parent / "data", d, tok_spec)
+            if (data_dir / MANIFEST).is_file():
+                print(f"data: reusing {data_dir} (prepared earlier from the same input content and settings)",
+                      flush=True)
+            else:
+                print(f"data: preparing {d.input or d.format} into {data_dir}", flush=True)
+                prepare(d.input or None, d.format, tok_spec, None if d.cutoff_len else d.max_len, data_dir,
+                        PrepareOptions(cutoff_len=d.cutoff_len or None, limit=d.limit or None, overwrite=True))
+            box = [str(data_dir)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        data_dir = Path(box[0])
     dataset = ShardedDataset(data_dir, tokenizer=tokenizer)  # refuses data of another tokenizer
     if d.cutoff_len and dataset.cutoff_len != d.cutoff_len:
         raise UserError(f"{data_dir}: prepared with cutoff_len {dataset.cutoff_len}, but data.cutoff_len is "

@@ -418,14 +418,55 @@ def prepare(input: str | os.PathLike | None, fmt: str, tokenizer: str | os.PathL
     return summary
 
 
+FINGERPRINTS = ".input-fingerprints.json"  # in the cache root: path -> size, mtime, sha256 of its content
+
+
+def _input_files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def input_fingerprint(path: str | os.PathLike, root: Path) -> str:
+    """sha256 of an input's content (a file, or every file of a directory with its relative name),
+    computed again only when a file's size or mtime changed since root's record of it."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise UserError(f"{path}: no such input file or directory")
+    index_path = Path(root) / FINGERPRINTS
+    try:
+        index = json.loads(index_path.read_text())
+    except (FileNotFoundError, ValueError):
+        index = {}
+    total, changed = hashlib.sha256(), False
+    for f in _input_files(path):
+        st = f.stat()
+        rec = index.get(str(f))
+        if rec is None or rec["size"] != st.st_size or rec["mtime_ns"] != st.st_mtime_ns:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            rec = index[str(f)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+            changed = True
+        total.update(f"{f.relative_to(path) if f != path else f.name}:{rec['sha256']};".encode())
+    if changed:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_name(f"{FINGERPRINTS}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, index_path)
+    return total.hexdigest()
+
+
 def cached_prepare_dir(root: Path, data, tokenizer_spec: str) -> Path:
     """Where an on-the-fly preparation of a pretraining data section goes under root: named by
-    its format, tokenizer, lengths, limit and input, so a changed setting prepares again."""
+    its format, tokenizer, lengths, limit and the input's CONTENT (sha256; size and mtime spare
+    hashing an unchanged file again), so an edited input, or a changed setting, prepares again."""
     tag = f"{data.format}-{Path(tokenizer_spec).name}-" + (
         f"cutoff{data.cutoff_len}" if data.cutoff_len else f"len{data.max_len}") + "-v2" + (
         f"-n{data.limit}" if data.limit > 0 else "")  # v2: targets cut at the cutoff, not the TEXT cap
+    if getattr(data, "remove_stopwords", False):
+        tag += "-nostop"
     if data.input:
-        tag += "-" + hashlib.sha1(str(Path(data.input).resolve()).encode()).hexdigest()[:8]
+        tag += "-" + input_fingerprint(data.input, root)[:16]
     return Path(root) / tag
 
 

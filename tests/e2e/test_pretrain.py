@@ -180,3 +180,33 @@ def test_two_nodes_match_one_node(tmp_path, data_dir):
         for k in ("loss", "lm", "ebae", "ebar", "passages", "tokens", "grad_norm"):
             assert x[k] == y[k], (x["step"], k)  # the same world and reductions: bit for bit
     assert (tmp_path / "two" / "checkpoints" / "step_0000003" / "COMPLETE").is_file()
+
+
+def test_on_the_fly_cache_follows_the_input_content(tmp_path):
+    """The on-the-fly data cache is named by the input's content: the same path rewritten with
+    other documents prepares again (and says so), the unchanged file is reused (and says where)."""
+    from itertools import islice
+
+    from llara_fast.data.sources import iter_wiki_sample
+
+    paras = [t for _, t in islice(iter_wiki_sample(), 140)]
+    src = tmp_path / "in.jsonl"
+
+    def write(docs):
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+
+    def run(name):
+        p = _run([*COMMON, "--data.format", "text", "--data.input", str(src), "--data.limit", "0",
+                  "--run.steps", "1", "--run.out_dir", str(tmp_path / "runs" / name)])
+        return p.stdout
+
+    write(paras[:20])
+    assert "data: preparing" in run("a")
+    write(paras[20:140])  # the same path, other (and more) documents
+    out = run("b")
+    assert "data: preparing" in out and "reusing" not in out
+    manifests = sorted((tmp_path / "runs" / "data").glob("*/manifest.json"))
+    counts = sorted(json.loads(m.read_text())["counts"]["records"] for m in manifests)
+    assert len(manifests) == 2 and counts == [20, 120], counts
+    out = run("c")  # unchanged: reused, the cache's path named
+    assert "data: reusing" in out and str(tmp_path / "runs" / "data") in out
