@@ -45,6 +45,7 @@ from llara_fast.data.sources import iter_wiki_sample
 from llara_fast.errors import UserError
 from llara_fast.io.embeddings import DTYPES, EmbeddingShards, corpus_identity
 from llara_fast.io.load import load
+from llara_fast.io.lock import DirLock
 from llara_fast.runtime import tune_cpu_malloc
 from llara_fast.templates import PromptConfig, Template
 
@@ -147,11 +148,20 @@ def model_identity(enc: Encoder) -> dict:
             "compute_dtype": str(enc.dtype).replace("torch.", ""), "dim": enc.model.args.dim}
 
 
-def read_embeddings(path: str, enc: Encoder) -> tuple[list[str], np.ndarray, Counter]:
+def read_embeddings(path: str, enc: Encoder, corpus: str | os.PathLike | None = None
+                    ) -> tuple[list[str], np.ndarray, Counter]:
     """(ids, (n, d) float32 vectors, counts) of `encode --corpus` shards, refused when another
-    model made them (weights, tokenizer, prompts or dim differ); a different text cap or compute
-    dtype is only counted (e.g. bf16 shards from a GPU, queries on a CPU)."""
+    model made them (weights, tokenizer, prompts or dim differ) or, given the corpus file they
+    stand for, when that file is not the one encoded (size, lines, sha256); a different text cap or
+    compute dtype is only counted (e.g. bf16 shards from a GPU, queries on a CPU)."""
     store = EmbeddingShards(path)
+    manifest = store.manifest()
+    if corpus is not None and manifest is not None:
+        encoded, now = manifest.get("corpus", {}), corpus_identity(corpus)
+        diff = [k for k in ("bytes", "lines", "sha256") if encoded.get(k) != now[k]]
+        if diff:
+            raise UserError(f"{path}: encoded from another corpus than {corpus} ({', '.join(diff)} differ: "
+                            f"{encoded.get(diff[0])} there, {now[diff[0]]} now); encode this corpus again")
     ids, emb, counts = store.read()
     made_by, now = store.manifest()["model"], model_identity(enc)
     for key in ("weights", "tokenizer", "prompts", "dim"):
@@ -184,13 +194,29 @@ def encode_corpus(enc: Encoder, job: CorpusJob, rank: int = 0, world: int = 1) -
     manifest = {"kind": "passage", "model": model_identity(enc), "corpus": {"name": os.path.basename(job.corpus),
                 **ident}, "shard_size": job.shard_size, "dtype": job.dtype, "dim": enc.model.args.dim}
     store = EmbeddingShards(job.out)
-    if rank == 0:
-        store.start(manifest, job.overwrite)
-    _barrier(world)
-    store.check(manifest)
+    lock = DirLock(job.out, "embedding directory") if rank == 0 else None  # a second encode on it fails at once
+    try:
+        if rank == 0:
+            store.start(manifest, job.overwrite)
+        _barrier(world)
+        store.check(manifest)
+        return _encode_corpus(enc, job, store, ident, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _encode_corpus(enc: Encoder, job: CorpusJob, store: EmbeddingShards, ident: dict, rank: int, world: int) -> dict:
     n_shards = -(-ident["lines"] // job.shard_size)
     mine = [i for i in range(rank, n_shards, world)]
-    todo = [i for i in mine if not store.done(i)]
+    todo = []
+    for i in mine:  # not written yet, or written and damaged since (checked against the marker)
+        why = store.damage(i) if store.done(i) else "new"
+        if why != "new" and why is not None:
+            print(f"encode: {job.out}: shard {i} is damaged ({why}); encoding it again", file=sys.stderr, flush=True)
+            store.forget(i)
+        if why is not None:
+            todo.append(i)
     bar = _progress(sum(min(job.shard_size, ident["lines"] - i * job.shard_size) for i in todo),
                     f"encode {os.path.basename(job.corpus)}" + (f" [rank {rank}]" if world > 1 else ""),
                     job.progress and rank == 0)

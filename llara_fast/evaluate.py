@@ -348,7 +348,7 @@ def corpus_side(args, enc: Encoder, data) -> tuple[list[str], np.ndarray, dict, 
     if args.max_docs:
         raise UserError("--max-docs draws a subset of the corpus it encodes; --embeddings brings its own corpus")
     t0 = time.perf_counter()
-    doc_ids, emb, emb_counts = read_embeddings(args.embeddings, enc)
+    doc_ids, emb, emb_counts = read_embeddings(args.embeddings, enc, Path(args.beir) / "corpus.jsonl")
     counts.update(emb_counts)
     return doc_ids, emb, {"read_embeddings_s": round(time.perf_counter() - t0, 2)}, counts
 

@@ -29,12 +29,14 @@ from llara_fast.evaluate import search
 DEFAULT_RANGE = "30:200"
 
 
-def dense_ranker(enc: Encoder, embeddings: str | None = None, progress: bool = True) -> Ranker:
-    """A Ranker of beir_to_pairs: exact inner-product search with the encoder's embeddings."""
+def dense_ranker(enc: Encoder, embeddings: str | None = None, progress: bool = True,
+                 corpus: str | os.PathLike | None = None) -> Ranker:
+    """A Ranker of beir_to_pairs: exact inner-product search with the encoder's embeddings
+    (precomputed ones are checked against ``corpus``, the file they must have been made from)."""
 
     def rank(doc_ids: list[str], doc_texts: list[str], query_texts: list[str], depth: int) -> list[list[int]]:
         if embeddings:
-            docs = _read_embeddings(embeddings, enc, doc_ids)
+            docs = _read_embeddings(embeddings, enc, doc_ids, corpus)
         else:
             docs = enc.encode_passages(doc_texts, progress=progress).numpy()  # (D, d)
         queries = enc.encode_queries(query_texts, progress=progress).numpy()  # (Q, d)
@@ -44,8 +46,8 @@ def dense_ranker(enc: Encoder, embeddings: str | None = None, progress: bool = T
     return rank
 
 
-def _read_embeddings(path: str, enc: Encoder, doc_ids: list[str]) -> np.ndarray:
-    ids, emb, _ = read_embeddings(path, enc)
+def _read_embeddings(path: str, enc: Encoder, doc_ids: list[str], corpus=None) -> np.ndarray:
+    ids, emb, _ = read_embeddings(path, enc, corpus)
     row = {d: i for i, d in enumerate(ids)}
     missing = [d for d in doc_ids if d not in row]
     if missing:
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         window = parse_rank_range(a.rank_range)
         enc = Encoder.from_pretrained(a.model, attn_backend=a.attn, max_len=a.max_len, device=a.device)
-        records = beir_to_pairs(a.beir, a.split, dense_ranker(enc, a.embeddings, not a.quiet), a.k, a.seed, counts,
+        records = beir_to_pairs(a.beir, a.split, dense_ranker(enc, a.embeddings, not a.quiet, os.path.join(a.beir, "corpus.jsonl")), a.k, a.seed, counts,
                                 window)
         write_pairs(records, a.out)
     except UserError as e:

@@ -4,13 +4,18 @@ ranks), read by ``llara_fast.evaluate --embeddings`` and dense negative mining.
     DIR/embeddings.json      the manifest: model, corpus, shard size, dtype, dim (rank 0, first)
     DIR/shard-00000.npy      (n, d) float16 or float32 unit vectors, in corpus order
     DIR/shard-00000.ids      the n document ids, one per line
-    DIR/shard-00000.json     {"n", "counts"}: written last, so its presence marks the shard done
+    DIR/shard-00000.json     {"n", "dim", "dtype", "sha256" of the .npy and the .ids, "counts"}:
+                             written last, so its presence marks the shard written
     DIR/COMPLETE             every shard is done: the totals
+    DIR/.lock                held by the encode writing the directory (llara_fast.io.lock)
 
 Shard i holds the documents of the corpus lines [i * shard_size, (i + 1) * shard_size)
 (physical lines, so the sharding does not depend on which lines are valid); shard i belongs to
-rank i % world. A rerun with the same manifest encodes only the shards that are not done; a
-different model, corpus, shard size, dtype or prompt is refused, naming the field.
+rank i % world. A rerun with the same manifest encodes only the shards that are not done or do not
+verify (a marker's checksums and shape against the files: a truncated, edited or deleted file is
+encoded again, and said so); a different model, corpus, shard size, dtype or prompt is refused,
+naming the field. Reading verifies every shard the same way, and refuses vectors that are not
+finite or not of unit norm (within the stored dtype's rounding).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from llara_fast.errors import InputNotFound, UserError
+from llara_fast.io.lock import LOCK_FILE
 
 MANIFEST = "embeddings.json"
 COMPLETE = "COMPLETE"
@@ -63,7 +69,8 @@ class EmbeddingShards:
             what = "; ".join(f"{k}: {old.get(k)} there, {manifest.get(k)} now" for k in diff)
             raise UserError(f"{self.root}: holds embeddings of another run ({what}); pass --overwrite or "
                             "another --out")
-        if old is None and self.root.exists() and any(self.root.iterdir()) and not overwrite:
+        if old is None and self.root.exists() and any(f.name != LOCK_FILE for f in self.root.iterdir()) \
+                and not overwrite:
             raise UserError(f"{self.root}: exists, is not empty and holds no {MANIFEST} (pass --overwrite)")
         if overwrite and old != manifest:
             for f in self.root.glob("*"):
@@ -81,6 +88,26 @@ class EmbeddingShards:
     def done(self, i: int) -> bool:
         return (self.root / f"{shard_name(i)}.json").is_file()
 
+    def forget(self, i: int) -> None:
+        """Rank 0 before re-encoding a damaged shard: it is no longer done, nor is the directory."""
+        for f in (self.root / f"{shard_name(i)}.json", self.root / COMPLETE):
+            f.unlink(missing_ok=True)
+
+    def damage(self, i: int) -> str | None:
+        """Why shard i's files do not match its marker (None: they do); a shard without a marker is
+        not written yet, not damaged."""
+        name = self.root / shard_name(i)
+        meta = json.loads(name.with_suffix(".json").read_text())
+        if "sha256" not in meta:  # written before markers carried checksums: the shape check of read()
+            return None
+        for ext in ("npy", "ids"):
+            f = name.with_suffix(f".{ext}")
+            if not f.is_file():
+                return f"{f.name} is missing"
+            if _sha256(f) != meta["sha256"][ext]:
+                return f"{f.name} does not match its checksum (truncated or changed since it was written)"
+        return None
+
     def write(self, i: int, ids: list[str], emb: np.ndarray, counts: Counter) -> None:
         """One shard, atomically: ids and vectors first, the .json marker last."""
         name = shard_name(i)
@@ -97,7 +124,10 @@ class EmbeddingShards:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / f"{name}.npy")
-        _write_json(self.root / f"{name}.json", {"n": len(ids), "counts": dict(sorted(counts.items()))})
+        _write_json(self.root / f"{name}.json", {
+            "n": len(ids), "dim": int(emb.shape[1]), "dtype": str(emb.dtype),
+            "sha256": {"npy": _sha256(self.root / f"{name}.npy"), "ids": _sha256(self.root / f"{name}.ids")},
+            "counts": dict(sorted(counts.items()))})
 
     def finish(self, n_shards: int) -> dict:
         """Rank 0, after every rank is done: check every shard and write COMPLETE."""
@@ -131,12 +161,20 @@ class EmbeddingShards:
         ids, parts, counts = [], [], Counter(totals["counts"])
         for i in range(totals["shards"]):
             name = self.root / shard_name(i)
+            why = self.damage(i) if self.done(i) else f"{name.name}.json is missing"
+            if why is not None:
+                raise UserError(f"{self.root}: shard {i} is damaged ({why}); rerun the encode command that made it "
+                                "to encode that shard again")
             n = json.loads(name.with_suffix(".json").read_text())["n"]
-            emb = np.load(name.with_suffix(".npy"))
+            try:
+                emb = np.load(name.with_suffix(".npy"))
+            except (OSError, ValueError) as e:
+                raise UserError(f"{name}.npy: cannot be read ({e}); rerun the encode command to repair it") from None
             got = name.with_suffix(".ids").read_text(encoding="utf-8").splitlines()
             if emb.shape != (n, manifest["dim"]) or len(got) != n:
                 raise UserError(f"{name}.npy: holds {emb.shape} vectors and {len(got)} ids, its .json says "
                                 f"{n} x {manifest['dim']}")
+            check_unit_vectors(emb, f"{name}.npy")
             ids += got
             parts.append(emb)
         emb = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, manifest["dim"]), np.float32)
@@ -148,6 +186,32 @@ class EmbeddingShards:
             keep = sorted(first.values())
             ids, emb = [ids[j] for j in keep], emb[keep]
         return ids, emb, +counts
+
+
+def check_unit_vectors(emb: np.ndarray, where: str) -> None:
+    """Refuse non-finite vectors and vectors whose norm is not 1 within the rounding of their
+    stored dtype (each component rounded once: the norm moves by at most its unit roundoff; the
+    bound below is 8 of those, plus the float32 normalisation's own)."""
+    x = emb.astype(np.float64)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        j = int(np.flatnonzero(~finite)[0])
+        raise UserError(f"{where}: vector {j} holds NaN/inf ({int((~finite).sum())} such); rerun the encode command")
+    if len(x):
+        tol = 8 * float(np.finfo(emb.dtype).eps) + 8 * float(np.finfo(np.float32).eps)
+        off = np.abs(np.linalg.norm(x, axis=1) - 1.0)
+        if off.max() > tol:
+            j = int(off.argmax())
+            raise UserError(f"{where}: vector {j} has norm {np.linalg.norm(x[j]):.6g}, not 1 (the format holds unit "
+                            "vectors); the file was changed or damaged: rerun the encode command")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(BLOCK_BYTES), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:

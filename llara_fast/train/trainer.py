@@ -17,7 +17,6 @@ tests inject faults and fingerprint the data there, outside the product's hot pa
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -44,6 +43,7 @@ from llara_fast.io.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from llara_fast.io.lock import DirLock
 from llara_fast.kernels import use_triton
 from llara_fast.runtime import tune_cpu_malloc
 from llara_fast.train.config import compile_enabled, load_config, to_toml
@@ -139,23 +139,6 @@ class StopSignals:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-class RunLock:
-    """An exclusive lock on RUN/.lock for the life of the process (released when it exits, however)."""
-
-    def __init__(self, out: Path):
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self.path.read_text().strip() or "another process"
-            os.close(self.fd)
-            raise UserError(f"{out}: in use by {holder}; one run directory holds one run") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode())
 
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints", "export")
@@ -281,7 +264,7 @@ class Trainer:
         msg = None
         if self.rank == 0:
             try:
-                self._lock = RunLock(self.out)
+                self._lock = DirLock(self.out, "run directory")
                 claim_run_dir(self.out, self.cfg.run.resume, self.cfg.run.overwrite)
             except UserError as e:
                 msg = str(e)
