@@ -74,6 +74,7 @@ from llara_fast.data.shards import FORMAT_VERSION, ShardWriter, token_dtype_for,
 from llara_fast.data.text import doc_chunks, remove_control_chars, remove_stopwords
 from llara_fast.errors import UserError
 from llara_fast.io.hf import add_special_tokens, load_tokenizer, resolve_source
+from llara_fast.io.lock import DirLock, locked_by, remove_stale_tmp
 from llara_fast.templates import Lengths, PromptConfig, Template
 
 FORMATS = ("llara-jsonl", "text", "wiki-sample")
@@ -369,6 +370,19 @@ def prepare(input: str | os.PathLike | None, fmt: str, tokenizer: str | os.PathL
     budget), see templates.Lengths. Written to out_dir.tmp-PID, renamed into place when complete."""
     t0 = time.perf_counter()
     out = Path(out_dir)
+    lock = DirLock(out, "prepare output", sibling=True)  # a second prepare into out fails at once
+    try:
+        return _prepare(input, fmt, tokenizer, max_len, out, opts, t0)
+    finally:
+        lock.release()
+
+
+def _prepare(input, fmt: str, tokenizer, max_len: int | None, out: Path, opts: PrepareOptions, t0: float) -> dict:
+    for p in remove_stale_tmp(out, ".tmp-"):
+        print(f"prepare: removed {p}, left by a prepare that was killed", file=sys.stderr)
+    holder = locked_by(out)
+    if holder is not None:
+        raise PrepareError(f"{out}: in use by {holder}; not touched")
     job, tpl = _resolve_job(input, fmt, tokenizer, max_len, out, opts)
     tok = _load_tokenizer(job.tok_path)
     dtype = token_dtype_for(len(tok))

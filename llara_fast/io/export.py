@@ -41,6 +41,7 @@ from llara_fast.errors import UserError
 from llara_fast.io.checkpoint import is_training_checkpoint, materialise, meta_model
 from llara_fast.io.hf import resolve_source, save_hf_dir
 from llara_fast.io.load import META_FILE, load
+from llara_fast.io.lock import DirLock, locked_by, remove_stale_tmp
 from llara_fast.templates import SPECIAL_TOKENS, PromptConfig, Template
 
 ST_MODULE_FILE = Path(__file__).with_name("st_module.py")
@@ -74,10 +75,40 @@ class ExportOptions:
 def export(model, tokenizer, out_dir: str | os.PathLike, prompts: PromptConfig = PromptConfig(),
            opts: ExportOptions = ExportOptions()) -> Path:
     """Write ``model`` + ``tokenizer`` as a standard HF directory with a model card."""
-    dtype, source, source_dir, overwrite = opts.dtype, opts.source, opts.source_dir, opts.overwrite
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    lock = DirLock(out, "export directory", sibling=True)  # a second export to out fails at once
+    try:
+        return _export(model, tokenizer, out, prompts, opts)
+    finally:
+        lock.release()
+
+
+def check_export_target(out: Path, source: str | os.PathLike | None = None) -> None:
+    """Refuse an --out that --overwrite would wrongly delete: a directory a live process holds (a
+    training run, an encode), a training run's directory, or one that contains the source."""
+    holder = locked_by(out)
+    if holder is not None:
+        raise UserError(f"{out}: in use by {holder}; an export never replaces it")
+    if not out.is_dir():
+        return
+    run_files = [n for n in ("checkpoints", "metrics.jsonl", "config.toml") if (out / n).exists()]
+    if "checkpoints" in run_files or len(run_files) >= 2:
+        raise UserError(f"{out}: is a training run's directory ({', '.join(run_files)}); export to another --out "
+                        "(a run's own export goes to RUN/export)")
+    if source is not None and Path(source).exists():
+        src = Path(source).resolve()
+        if src == out.resolve() or out.resolve() in src.parents:
+            raise UserError(f"{out}: contains the model being exported ({source}); export to another --out")
+
+
+def _export(model, tokenizer, out: Path, prompts: PromptConfig, opts: ExportOptions) -> Path:
+    dtype, source, source_dir, overwrite = opts.dtype, opts.source, opts.source_dir, opts.overwrite
+    for p in remove_stale_tmp(out, ".tmp"):
+        print(f"export: removed {p}, left by an export that was killed", file=sys.stderr)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise UserError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+        check_export_target(out, source)
     template = Template.from_tokenizer(tokenizer, prompts)  # fails early if <s1>..<s16> are missing
     if len(tokenizer) > model.args.vocab_size:
         raise UserError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.args.vocab_size} "
@@ -111,10 +142,20 @@ def export(model, tokenizer, out_dir: str | os.PathLike, prompts: PromptConfig =
         json.dump(meta, f, indent=2)
     write_sentence_transformers(tmp, template, prompts, opts.max_len)
     (tmp / "README.md").write_text(model_card(tokenizer, template, prompts, source, dtype, opts.max_len))
+    readable = 0o666 & ~_umask()  # as any file this user creates (safetensors writes its files 0600)
+    for f in tmp.rglob("*"):
+        os.chmod(f, readable | (0o111 & ~_umask() if f.is_dir() else 0))
+    os.chmod(tmp, 0o777 & ~_umask())
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_sentence_transformers(out: Path, template: Template, prompts: PromptConfig, max_len: int = 512) -> None:

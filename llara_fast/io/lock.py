@@ -5,7 +5,9 @@ directory fails at once naming the holder, and --overwrite never deletes a direc
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -18,10 +20,16 @@ LOCK_FILE = ".lock"
 class DirLock:
     """Hold DIR/.lock exclusively until release() or the process exits."""
 
-    def __init__(self, out: str | os.PathLike, what: str = "run directory"):
+    def __init__(self, out: str | os.PathLike, what: str = "run directory", sibling: bool = False):
+        """sibling: lock .NAME.lock beside the directory instead of inside it, for outputs that are
+        written elsewhere and renamed into place (prepare, export)."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        self.path = out / LOCK_FILE
+        if sibling:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.path = sibling_lock(out)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            self.path = out / LOCK_FILE
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -38,9 +46,47 @@ class DirLock:
             self.fd = -1
 
 
+def sibling_lock(out: Path) -> Path:
+    return out.with_name(f".{out.name}.lock")
+
+
 def locked_by(path: str | os.PathLike) -> str | None:
-    """Who holds PATH/.lock, or None when no live process does (without taking it for long)."""
-    lock = Path(path) / LOCK_FILE
+    """Who holds PATH/.lock or its sibling lock, or None when no other live process does."""
+    me = f"pid {os.getpid()} on {socket.gethostname()} "
+    for lock in (Path(path) / LOCK_FILE, sibling_lock(Path(path))):
+        holder = _holder(lock)
+        if holder is not None and not holder.startswith(me):
+            return holder
+    return None
+
+
+def remove_stale_tmp(out: str | os.PathLike, sep: str) -> list[Path]:
+    """Remove the temporary directories OUT{sep}PID that killed processes of this host left beside
+    OUT (a live PID's is kept); returns what was removed, for the caller to name."""
+    out = Path(out)
+    removed = []
+    for p in out.parent.glob(f"{glob.escape(out.name)}{sep}*"):
+        pid = p.name[len(out.name) + len(sep):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder(lock: Path) -> str | None:
     if not lock.is_file():
         return None
     fd = os.open(lock, os.O_RDONLY)

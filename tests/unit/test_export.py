@@ -269,3 +269,52 @@ def test_swapped_tokenizer_is_refused(tmp_path):
         load(str(out), attn_backend="sdpa")
     with pytest.raises(UserError, match="do not belong to these weights"):
         Encoder.from_pretrained(str(out), attn_backend="sdpa", device="cpu")
+
+
+def test_overwrite_never_deletes_runs_or_live_directories(tmp_path, capsys):
+    """export --overwrite refuses an --out that is a training run's directory, one that contains
+    the checkpoint being exported, and one a live process holds (its lock); a killed export's
+    temporary directory is removed by the next export, which names it."""
+    from llara_fast.errors import UserError
+    from llara_fast.io.export import check_export_target
+    from llara_fast.io.lock import DirLock
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000006").mkdir(parents=True)
+    (run / "config.toml").write_text("[run]\n")
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert main(["--checkpoint", "debug", "--out", str(run), "--overwrite"]) == 2
+    assert "is a training run's directory" in capsys.readouterr().err
+    assert (run / "checkpoints" / "step_0000006").is_dir() and (run / "metrics.jsonl").is_file()
+    with pytest.raises(UserError, match="contains the model being exported"):
+        check_export_target(tmp_path, run / "checkpoints" / "step_0000006")
+    busy = tmp_path / "busy"
+    (busy / "x").mkdir(parents=True)
+    holder = DirLock(busy, "run directory")  # a live run (this test stands in for its process)
+    import llara_fast.io.lock as lock_mod
+    real = lock_mod.os.getpid
+    try:
+        lock_mod.os.getpid = lambda: real() + 1  # seen from another process
+        with pytest.raises(UserError, match=r"busy: in use by pid \d+"):
+            check_export_target(busy)
+    finally:
+        lock_mod.os.getpid = real
+        holder.release()
+    stale = tmp_path / "m.tmp99999999"  # a pid that does not exist
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    assert main(["--checkpoint", "debug", "--out", str(tmp_path / "m")]) == 0
+    assert not stale.exists() and f"removed {stale}" in capsys.readouterr().err
+
+
+def test_export_is_readable_by_others(tmp_path):
+    """Every exported file gets the permissions of any file this user creates (umask 022: 0644),
+    the weights included (safetensors writes them 0600)."""
+    old = os.umask(0o022)
+    try:
+        assert main(["--checkpoint", "debug", "--out", str(tmp_path / "m")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in (tmp_path / "m").rglob("*")}
+    assert modes["m/model.safetensors"] == 0o644
+    assert all(m == (0o755 if (tmp_path / k).is_dir() else 0o644) for k, m in modes.items()), modes

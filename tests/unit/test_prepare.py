@@ -252,3 +252,25 @@ def test_bom_control_chars_and_unreadable_inputs(tmp_path, smol, monkeypatch):
     monkeypatch.setattr(records, "open", unreadable, raising=False)
     with pytest.raises(P.PrepareError, match=r"bom\.jsonl: cannot read it \(Permission denied\)"):
         run(tmp_path, p, name="u")
+
+
+def test_one_prepare_per_output_and_stale_temporaries(tmp_path, capsys):
+    """A prepare into an --out that another prepare is writing fails at once naming it (both used
+    to succeed, the later deleting the earlier's output); a killed prepare's DIR.tmp-PID is
+    removed by the next prepare of that DIR, which names it."""
+    from llara_fast.errors import UserError
+    from llara_fast.io.lock import DirLock
+
+    out = tmp_path / "data"
+    opts = P.PrepareOptions(limit=5, progress=False, workers=1)
+    holder = DirLock(out, "prepare output", sibling=True)  # flock: another open file, as another process
+    try:
+        with pytest.raises(UserError, match=r"data: in use by pid \d+"):
+            P.prepare(None, "wiki-sample", "smollm2-135m", 64, out, opts)
+    finally:
+        holder.release()
+    stale = tmp_path / "data.tmp-99999999"
+    (stale / "shard-00000").mkdir(parents=True)
+    P.prepare(None, "wiki-sample", "smollm2-135m", 64, out, opts)
+    assert not stale.exists() and f"removed {stale}" in capsys.readouterr().err
+    assert (out / "manifest.json").is_file()
