@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import tomllib
 
@@ -125,19 +126,25 @@ def _read_toml(path: str) -> dict:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
 
 
-def load_config(argv: list[str], cls):
-    """cls(), then a TOML file (--config FILE first), then --section.key VALUE overrides."""
-    cfg = cls()
-    args = list(argv)
-    if args[:1] == ["--config"] or any(a.startswith("--config=") for a in args[:1]):
-        path = args[1] if args[0] == "--config" else args[0].split("=", 1)[1]
-        args = args[2:] if args[0] == "--config" else args[1:]
-        for section, table in _read_toml(path).items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
-            for key, value in table.items():
-                _apply(cfg, section, key, value, path)
-    i = 0
+HISTORY = "resumed"  # config.toml's [[resumed]] tables: what each resumed segment changed (not settings)
+
+
+def _parse_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, str, str]]]:
+    """(--config FILE or None, [(section, key, value)] of the --section.key VALUE overrides); --config
+    may stand anywhere, once: the file is applied first, the overrides after it."""
+    args, path = list(argv), None
+    for i, a in enumerate(args):
+        if a is not None and (a == "--config" or a.startswith("--config=")):
+            if path is not None:
+                raise ConfigError("command line: --config given twice; merge the files or pick one")
+            if a == "--config":
+                if i + 1 >= len(args):
+                    raise ConfigError("command line: --config needs a file")
+                path, args[i:i + 2] = args[i + 1], [None, None]
+            else:
+                path, args[i] = a.split("=", 1)[1], None
+    args = [a for a in args if a is not None]
+    out, i = [], 0
     while i < len(args):
         a = args[i]
         if not a.startswith("--") or "." not in a:
@@ -151,7 +158,46 @@ def load_config(argv: list[str], cls):
             name, value = a[2:], args[i + 1]
             i += 2
         section, key = name.split(".", 1)
-        _apply(cfg, section, key.replace("-", "_"), value, "command line")
+        out.append((section, key.replace("-", "_"), value))
+    return path, out
+
+
+def _apply_toml(cfg, path: str, explicit: set | None = None) -> None:
+    for section, table in _read_toml(path).items():
+        if section == HISTORY:
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+        for key, value in table.items():
+            _apply(cfg, section, key, value, path)
+            if explicit is not None:
+                explicit.add(f"{section}.{key}")
+
+
+def load_config(argv: list[str], cls):
+    """cls(), then a TOML file (--config FILE first), then --section.key VALUE overrides.
+
+    With run.resume true (from the file or the command line) and RUN/config.toml present, the
+    run's own config.toml is the base instead of cls()'s defaults: `--run.resume true` alone
+    continues a run as it was configured, and the settings given with it are overrides (the
+    trainer applies or refuses each, by key). ``cfg.explicit`` holds the keys given."""
+    path, overrides = _parse_argv(argv)
+    probe = cls()
+    if path is not None:
+        _apply_toml(probe, path)
+    for section, key, value in overrides:
+        _apply(probe, section, key, value, "command line")
+    cfg, explicit = cls(), set()
+    run = getattr(probe, "run", None)
+    own = Path(run.out_dir) / "config.toml" if run is not None else None
+    if run is not None and run.resume and own.is_file():
+        _apply_toml(cfg, str(own))
+    if path is not None:
+        _apply_toml(cfg, path, explicit)
+    for section, key, value in overrides:
+        _apply(cfg, section, key, value, "command line")
+        explicit.add(f"{section}.{key}")
+    cfg.explicit = explicit
     return cfg
 
 

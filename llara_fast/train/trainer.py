@@ -16,6 +16,7 @@ tests inject faults and fingerprint the data there, outside the product's hot pa
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -27,11 +28,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import tomllib
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from llara_fast.attention import resolve_backend
+from llara_fast.config import PRESETS
 from llara_fast.errors import ConfigError, UserError
 from llara_fast.io.checkpoint import (
     TrainState,
@@ -46,7 +49,7 @@ from llara_fast.io.checkpoint import (
 from llara_fast.io.lock import DirLock
 from llara_fast.kernels import use_triton
 from llara_fast.runtime import tune_cpu_malloc
-from llara_fast.train.config import compile_enabled, load_config, to_toml
+from llara_fast.train.config import HISTORY, compile_enabled, load_config, to_toml
 from llara_fast.train.parallel import parallelize
 from llara_fast.train.step import StepStats, build_optimizer, lr_lambda, optimizer_step
 
@@ -177,6 +180,56 @@ def _broadcast(obj):
     return box[0]
 
 
+# Settings a resumed run may change (they take effect from the resume step); every other setting
+# is part of what was trained (model, data, loss, batch, dtype, seed) and a change is refused.
+MUTABLE = {"optim.*", "run.steps", "run.log_every", "run.ckpt_every", "run.keep_checkpoints", "run.resume",
+           "run.overwrite", "run.out_dir", "run.max_nonfinite", "run.diverge_loss", "run.diverge_grad_norm",
+           "run.diverge_patience", "run.device"}
+
+
+def _mutable(key: str) -> bool:
+    return key in MUTABLE or f"{key.split('.')[0]}.*" in MUTABLE
+
+
+def resume_changes(old: dict, cfg) -> dict:
+    """{key: (old, new)} of the mutable settings a resume changes; a change of any other setting is
+    a ConfigError naming the key and both values."""
+    new = dataclasses.asdict(absolute_paths(cfg))
+    changes = {}
+    for section, table in new.items():
+        before = old.get(section, {})
+        for key, value in table.items():
+            if key not in before or before[key] == value:
+                continue
+            name = f"{section}.{key}"
+            if name in ("run.resume", "run.overwrite"):  # how this invocation starts, not a setting of the run
+                continue
+            if isinstance(value, float) and isinstance(before[key], (int, float)) and float(before[key]) == value:
+                continue
+            if isinstance(value, str) and isinstance(before[key], str) and before[key] and Path(before[key]).exists() \
+                    and Path(before[key]).resolve() == Path(value).resolve():
+                continue  # the same path, written relative by an older config.toml
+            if not _mutable(name):
+                raise ConfigError(f"run.resume: {name} was {before[key]!r} in this run and is {value!r} now; it cannot "
+                                  "change mid-run (start a new run with another run.out_dir to train with it)")
+            changes[name] = (before[key], value)
+    return changes
+
+
+def absolute_paths(cfg):
+    """A copy of cfg whose path settings (strings naming an existing file or directory, and
+    run.out_dir) are absolute, so config.toml means the same from any working directory."""
+    cfg = copy.deepcopy(cfg)
+    for sec in dataclasses.fields(cfg):
+        sub = getattr(cfg, sec.name)
+        for f in dataclasses.fields(sub):
+            v = getattr(sub, f.name)
+            if isinstance(v, str) and v and (f"{sec.name}.{f.name}" == "run.out_dir" or
+                                             (v not in PRESETS and Path(v).exists())):
+                setattr(sub, f.name, str(Path(v).resolve()))
+    return cfg
+
+
 class NonfiniteGuard:
     """Counts consecutive skipped (non-finite) steps; stops the run after `limit` in a row."""
 
@@ -272,9 +325,40 @@ class Trainer:
         if msg is not None:
             raise UserError(msg)
 
-    def _write_config(self) -> None:
-        if self.rank == 0:
-            (self.out / "config.toml").write_text(to_toml(self.cfg))
+    def _old_config(self) -> dict | None:
+        path = self.out / "config.toml"
+        return tomllib.loads(path.read_text()) if path.is_file() else None
+
+    def _write_config(self, old: dict | None = None, changes: dict | None = None, start: int = 0) -> None:
+        """RUN/config.toml: the resolved settings (paths absolute, so a resume works from any
+        directory), then the [[resumed]] history: the step of each resume and what it changed."""
+        if self.rank != 0:
+            return
+        history = list((old or {}).get(HISTORY, [])) if self.cfg.run.resume else []
+        if self.cfg.run.resume and old is not None:
+            history.append({"step": start, "changed": [f"{k}: {a!r} -> {b!r}" for k, (a, b) in (changes or {}).items()]})
+        text = to_toml(absolute_paths(self.cfg))
+        for h in history:
+            text += f"\n[[{HISTORY}]]\nstep = {int(h['step'])}\nchanged = {json.dumps(list(h['changed']))}\n"
+        tmp = self.out / f".config.toml.tmp{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, self.out / "config.toml")
+
+    def _apply_changes(self, changes: dict, start: int) -> None:
+        """Settings a resume may change take effect from the resume step: the optimizer's lr, betas
+        and weight decay, and the schedule (warmup, decay, steps) at the restored step."""
+        o = self.cfg.optim
+        if any(k.startswith("optim.") or k == "run.steps" for k in changes):
+            sched = self.scheduler
+            sched.lr_lambdas = [lr_lambda(o.warmup_steps, self.steps, o.decay, o.min_lr_ratio)] * len(sched.lr_lambdas)
+            sched.base_lrs = [o.lr] * len(sched.base_lrs)
+            for g, base, f in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                g["initial_lr"], g["lr"], g["betas"] = base, base * f(sched.last_epoch), (o.beta1, o.beta2)
+                if g["weight_decay"] != 0.0 or "optim.weight_decay" in changes:
+                    g["weight_decay"] = o.weight_decay if g is self.optimizer.param_groups[0] else 0.0
+            sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        for k, (a, b) in changes.items():
+            self.log(f"resume: {k} {a!r} -> {b!r}, from step {start + 1}")
 
     def build(self, model: torch.nn.Module, module: torch.nn.Module, objective) -> None:
         """Parallelize ``module`` (the train module around ``model``) onto the device, AdamW and
@@ -310,10 +394,9 @@ class Trainer:
         self.log(f"resumed from {ck} (step {start})")
         return start
 
-    def _describe(self, step: int, stats: StepStats, describe: Callable) -> tuple[dict, str]:
-        """The job's fields and log line of a step, with the learning rate and (GPU) peak memory."""
+    def _describe(self, step: int, stats: StepStats, describe: Callable, lr: float) -> tuple[dict, str]:
+        """The job's fields and log line of a step, with the learning rate it used and (GPU) peak memory."""
         fields, line = describe(stats)
-        lr = self.scheduler.get_last_lr()[0]
         mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.on_gpu else None
         rec = {"step": step, **fields, "lr": lr, "mem_gb": mem, "skipped": stats.skipped}
         return rec, f"step {step:5d} | {line} | lr {lr:.2e}" + (f" | mem {mem:.1f} GB" if mem is not None else "")
@@ -336,8 +419,15 @@ class Trainer:
         run = self.cfg.run
         state = TrainState(self.module, self.optimizer, self.scheduler, loader)
         identity = {"model_args": dataclasses.asdict(self.model.args), **identity}
+        old = self._old_config() if run.resume else None
+        changes = resume_changes(old, self.cfg) if old is not None else {}
         start = self._resume(state, identity) if run.resume else 0
-        self._write_config()  # every check passed
+        if start and self.steps <= start:
+            raise UserError(f"run.steps is {self.steps}, but the checkpoint is at step {start}: nothing to do; pass "
+                            f"--run.steps N with N > {start} to train further")
+        if changes:
+            self._apply_changes(changes, start)
+        self._write_config(old, changes, start)  # every check passed
         with StopSignals() as stop:
             return self._loop(state, start, (next_batches, describe, identity, oom_hint), stop)
 
@@ -351,9 +441,10 @@ class Trainer:
         try:
             for step in range(start + 1, self.steps + 1):
                 batches = next_batches()
+                lr_used = self.optimizer.param_groups[0]["lr"]  # the step's own (the scheduler moves on after it)
                 stats = self.step(batches)
                 guard.update(step, stats)
-                last, line = self._describe(step, stats, describe)
+                last, line = self._describe(step, stats, describe, lr_used)
                 show = step % run.log_every == 0 or step == self.steps
                 self._record(last, line, show)
                 try:

@@ -104,11 +104,12 @@ def test_resume_is_refused_for_another_model_or_tokenizer_and_changes_nothing(tm
     cfg = (run / "config.toml").read_bytes()
     p = _run([*COMMON, "--run.steps", "3", "--run.out_dir", str(run), "--run.resume", "true", "--model.layers", "1"],
              check=False)
-    assert p.returncode == 1 and "model_args.n_layers is 2, this run's is 1" in p.stderr
+    assert p.returncode == 2 and "model.layers was 0 in this run and is 1 now" in p.stderr  # the key, both values
     assert "delete" not in p.stderr  # a checkpoint that verifies is never to be deleted
     p = _run([*COMMON, "--run.steps", "3", "--run.out_dir", str(run), "--run.resume", "true", "--model.tokenizer",
               str(sentencepiece_model_path())], check=False)
-    assert p.returncode == 1 and (run / "config.toml").read_bytes() == cfg  # a refused start writes nothing
+    assert p.returncode == 2 and "model.tokenizer was '' in this run" in p.stderr
+    assert (run / "config.toml").read_bytes() == cfg  # a refused start writes nothing
     assert [m["step"] for m in _metrics(run)] == [1, 2]
 
 
@@ -223,6 +224,10 @@ def test_finetune_resume_checks_its_data(tmp_path):
     run_entry(["-m", "llara_fast.finetune"], [*args, "--data.train", str(a), "--run.steps", "2"])
     p = run_entry(["-m", "llara_fast.finetune"], [*args, "--data.train", str(b), "--run.steps", "3",
                                                   "--run.resume", "true"], check=False)
+    assert p.returncode == 2 and f"data.train was '{a}' in this run and is '{b}' now" in p.stderr
+    pairs(a, "beta")  # the same file name, other records: the content is checked too
+    p = run_entry(["-m", "llara_fast.finetune"], [*args, "--data.train", str(a), "--run.steps", "3",
+                                                  "--run.resume", "true"], check=False)
     assert p.returncode == 1 and "the checkpoint's data is" in p.stderr
 
 
@@ -254,3 +259,38 @@ def test_a_diverged_run_stops_and_saves_nothing_of_it(tmp_path):
     assert len(err) == 1 and "diverged at step 2: loss" in err[0] and "no checkpoint was saved" in err[0]
     assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step_*"))
     assert [m["step"] for m in _metrics(run)] == [1, 2]  # the diverged step is on record
+
+
+def test_resume_from_the_runs_own_config_records_what_changed(tmp_path):
+    """`--run.resume true` alone continues a run from its own config.toml, from any working
+    directory; settings that cannot change mid-run are refused naming the key and both values (and
+    leave config.toml as it was); a new lr applies from the resume step and is recorded in
+    config.toml's [[resumed]] history; run.steps at or below the checkpoint's step is refused."""
+    import tomllib
+
+    run = tmp_path / "run"
+    _run([*COMMON, "--run.steps", "4", "--run.ckpt_every", "2", "--run.out_dir", str(run)])
+    before = (run / "config.toml").read_text()
+    for flag, value, old in (("--data.grad_accum", "2", "1"), ("--data.token_budget", "400", "500"),
+                             ("--model.name", "smollm2-135m", "'debug'")):
+        p = run_entry(["-m", "llara_fast.pretrain"], ["--run.resume", "true", "--run.out_dir", str(run),
+                                                     "--run.steps", "6", flag, value], check=False)
+        assert p.returncode == 2 and f"{flag[2:]} was {old} in this run" in p.stderr, p.stderr[-1500:]
+        assert (run / "config.toml").read_text() == before
+    p = run_entry(["-m", "llara_fast.pretrain"], ["--run.resume", "true", "--run.out_dir", str(run), "--run.steps",
+                                                 "4"], check=False)
+    assert p.returncode == 1 and "the checkpoint is at step 4: nothing to do" in p.stderr
+    # from another working directory, only the run directory and what changes
+    p = subprocess.run([sys.executable, "-m", "llara_fast.pretrain", "--run.resume", "true", "--run.out_dir",
+                        str(run), "--run.steps", "6", "--optim.lr", "5e-4"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                   "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resume: optim.lr 0.001 -> 0.0005, from step 5" in p.stdout
+    rows = _metrics(run)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[3]["lr"] <= 1e-3 and 0 < rows[4]["lr"] <= 5e-4  # each step logs the lr it used
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    assert cfg["optim"]["lr"] == 5e-4 and cfg["run"]["steps"] == 6 and cfg["data"]["limit"] == 60
+    assert cfg["run"]["out_dir"] == str(run) and cfg["resumed"] == [
+        {"step": 4, "changed": ["optim.lr: 0.001 -> 0.0005", "run.steps: 4 -> 6"]}]
