@@ -336,7 +336,8 @@ class Trainer:
             return
         history = list((old or {}).get(HISTORY, [])) if self.cfg.run.resume else []
         if self.cfg.run.resume and old is not None:
-            history.append({"step": start, "changed": [f"{k}: {a!r} -> {b!r}" for k, (a, b) in (changes or {}).items()]})
+            changed = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in (changes or {}).items()]
+            history.append({"step": start, "changed": changed})
         text = to_toml(absolute_paths(self.cfg))
         for h in history:
             text += f"\n[[{HISTORY}]]\nstep = {int(h['step'])}\nchanged = {json.dumps(list(h['changed']))}\n"
