@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import threading
 import time
@@ -238,6 +239,31 @@ class PretrainDataConfig:
     token_budget: int = opt(0, "tokens per micro-batch (0: 1024 on CPU, 16384 on GPU)")
     grad_accum: int = opt(1, "micro-batches per rank per step")
     seed: int = opt(0, "data order")
+    verify: bool = opt(False, "check every shard file against the manifest's sha256 before training (done anyway "
+                       "on a prepared directory's first use)")
+
+
+VERIFIED = ".verified"  # in a prepared directory: the sha256 of the manifest whose checksums held
+
+
+def verify_dataset(dataset: ShardedDataset, force: bool = False) -> None:
+    """Every shard file against the manifest's checksums, on a directory's first use (a marker
+    records the manifest it was done for) and whenever ``force`` (data.verify) is set."""
+    mpath = dataset.data_dir / MANIFEST
+    stamp = hashlib.sha256(mpath.read_bytes()).hexdigest()
+    marker = dataset.data_dir / VERIFIED
+    if not force and marker.is_file() and marker.read_text().strip() == stamp:
+        return
+    t0 = time.perf_counter()
+    n = dataset.verify()
+    print(f"data: {dataset.data_dir}: {n / 1e6:.1f} MB checked against the manifest's checksums in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    try:
+        tmp = marker.with_name(f"{VERIFIED}.tmp{os.getpid()}")
+        tmp.write_text(stamp + "\n")
+        os.replace(tmp, marker)
+    except OSError:  # a read-only data directory: verified again next time
+        pass
 
 
 def llara_loader(cfg, tokenizer, template: Template, rank: int, world: int) -> PackedLoader:
@@ -266,6 +292,7 @@ def llara_loader(cfg, tokenizer, template: Template, rank: int, world: int) -> P
             dist.broadcast_object_list(box, src=0)
         data_dir = Path(box[0])
     dataset = ShardedDataset(data_dir, tokenizer=tokenizer)  # refuses data of another tokenizer
+    verify_dataset(dataset, force=d.verify)
     if d.cutoff_len and dataset.cutoff_len != d.cutoff_len:
         raise UserError(f"{data_dir}: prepared with cutoff_len {dataset.cutoff_len}, but data.cutoff_len is "
                         f"{d.cutoff_len} (the targets were cut at the former); prepare the data again")

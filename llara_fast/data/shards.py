@@ -68,6 +68,7 @@ class ShardWriter:
         name = f"shard-{len(self.shards):05d}"
         self._name = name
         self._files = {k: open(self.out_dir / f"{name}.{k}.bin", "wb") for k in _KINDS}
+        self._hashes = {k: hashlib.sha256() for k in _KINDS}  # computed while writing: no second read
         self._lens = {k: [] for k in _KINDS}
 
     def add(self, text: np.ndarray, text_lens: np.ndarray, sum_ids: np.ndarray, sum_lens: np.ndarray,
@@ -84,7 +85,9 @@ class ShardWriter:
                 raise ValueError(f"token id out of range for {self.dtype}")  # a bug of the caller
             if int(np.sum(lens)) != flat.size:
                 raise ValueError(f"{k}: lengths do not add up to the flat array")
-            self._files[k].write(flat.astype(self.dtype, copy=False).tobytes())
+            data = flat.astype(self.dtype, copy=False).tobytes()
+            self._files[k].write(data)
+            self._hashes[k].update(data)
             self._lens[k].append(np.asarray(lens, dtype=np.int64))
         if sum(len(x) for x in self._lens["text"]) >= self.shard_examples:
             self._close_shard()
@@ -96,9 +99,11 @@ class ShardWriter:
         for r, k in enumerate(_KINDS):
             np.cumsum(np.concatenate(self._lens[k]), out=offsets[r, 1:])
         np.save(self.out_dir / f"{self._name}.offsets.npy", offsets)
+        sha = {k: h.hexdigest() for k, h in self._hashes.items()}
+        sha["offsets"] = file_sha256(self.out_dir / f"{self._name}.offsets.npy")
         self.shards.append({"name": self._name, "examples": int(offsets.shape[1] - 1),
                             "text_tokens": int(offsets[0, -1]), "sum_ids": int(offsets[1, -1]),
-                            "pred_ids": int(offsets[2, -1])})
+                            "pred_ids": int(offsets[2, -1]), "sha256": sha})
         self._files = None
 
     def close(self) -> list[dict]:
@@ -120,8 +125,18 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
     os.replace(tmp, Path(out_dir) / MANIFEST)
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # ---- reading ------------------------------------------------------------------------------------
 def _map(path: Path, dtype: np.dtype, n: int) -> np.ndarray:
+    if not path.is_file():
+        raise InputNotFound(f"{path}: missing (the manifest lists it); prepare the data again")
     if n == 0:  # an empty file cannot be mapped
         return np.zeros(0, dtype=dtype)
     if path.stat().st_size != n * dtype.itemsize:
@@ -151,11 +166,21 @@ class ShardedDataset:
         self.target_max_len = self.manifest.get("target_max_len")
         self.sources = []
         counts = []
+        self._check_listing()
         for sh in self.manifest["shards"]:
-            off = np.load(self.data_dir / f"{sh['name']}.offsets.npy", mmap_mode="r")
+            opath = self.data_dir / f"{sh['name']}.offsets.npy"
+            if not opath.is_file():
+                raise InputNotFound(f"{opath}: missing (the manifest lists it); prepare the data again")
+            try:
+                off = np.load(opath, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise UserError(f"{opath}: cannot be read ({e}); prepare the data again") from None
             if off.ndim != 2 or off.shape != (3, sh["examples"] + 1):
                 raise UserError(f"{self.data_dir / sh['name']}.offsets.npy: shape {off.shape}, the manifest "
                                  f"says {sh['examples']} examples")
+            if off[:, 0].any() or (np.diff(off, axis=1) < 0).any():
+                raise UserError(f"{opath}: offsets are not a non-decreasing sequence from 0 (the file is damaged); "
+                                "prepare the data again")
             arrays = [_map(self.data_dir / f"{sh['name']}.{k}.bin", self.token_dtype, int(off[r, -1]))
                       for r, k in enumerate(_KINDS)]
             self.sources.append((arrays[0], off[0], arrays[1], off[1], arrays[2], off[2]))
@@ -165,6 +190,34 @@ class ShardedDataset:
         self._text_lengths = None
         if tokenizer is not None:
             self.check_tokenizer(tokenizer)
+
+    def _check_listing(self) -> None:
+        """The manifest's shards against its own counts and against the shard files on disk."""
+        listed = [sh["name"] for sh in self.manifest["shards"]]
+        total = sum(sh["examples"] for sh in self.manifest["shards"])
+        want = (self.manifest.get("counts") or {}).get("examples")
+        if want is not None and total != want:
+            raise UserError(f"{self.data_dir / MANIFEST}: its shards hold {total} examples but its counts say {want}; "
+                            "the manifest was edited or damaged: prepare the data again")
+        on_disk = sorted(p.name[:-len(".offsets.npy")] for p in self.data_dir.glob("shard-*.offsets.npy"))
+        extra = sorted(set(on_disk) - set(listed))
+        if extra:
+            raise UserError(f"{self.data_dir}: shard {extra[0]} is on disk but not in {MANIFEST}; the manifest was "
+                            "edited or damaged: prepare the data again")
+
+    def verify(self) -> int:
+        """Check every shard file against the sha256 the manifest recorded when it was written
+        (data prepared before checksums were recorded has none: nothing to check). Returns the
+        bytes read."""
+        read = 0
+        for sh in self.manifest["shards"]:
+            for kind, want in (sh.get("sha256") or {}).items():
+                path = self.data_dir / f"{sh['name']}.{kind}.{'npy' if kind == 'offsets' else 'bin'}"
+                read += path.stat().st_size
+                if file_sha256(path) != want:
+                    raise UserError(f"{path}: does not match the checksum in {MANIFEST} (changed or damaged since "
+                                    "it was prepared); prepare the data again")
+        return read
 
     def __len__(self) -> int:
         return int(self.shard_starts[-1])

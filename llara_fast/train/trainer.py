@@ -184,7 +184,7 @@ def _broadcast(obj):
 # is part of what was trained (model, data, loss, batch, dtype, seed) and a change is refused.
 MUTABLE = {"optim.*", "run.steps", "run.log_every", "run.ckpt_every", "run.keep_checkpoints", "run.resume",
            "run.overwrite", "run.out_dir", "run.max_nonfinite", "run.diverge_loss", "run.diverge_grad_norm",
-           "run.diverge_patience", "run.device"}
+           "run.diverge_patience", "run.device", "data.verify"}
 
 
 def _mutable(key: str) -> bool:

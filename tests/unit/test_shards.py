@@ -108,3 +108,67 @@ def test_stream_ranks_partition_an_epoch(tmp_path):
     for r in range(3):
         seen += [e.text_ids.tolist() for e in ExampleStream(ds, seed=1, rank=r, world_size=3, epochs=1)]
     assert len(seen) == 18 and all(any(s == e.text_ids.tolist() for e in exs) for s in seen)
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    from llara_fast.data.prepare import PrepareOptions, prepare
+
+    out = tmp_path / "data"
+    prepare(None, "wiki-sample", "smollm2-135m", 64, out, PrepareOptions(limit=40, shard_examples=25, batch_records=8, progress=False,
+                                                                         workers=1))
+    return out
+
+
+def test_prepared_data_is_checked_before_training(prepared):
+    """Issue 26.10: one flipped bit in text.bin (checksums, on first use and with data.verify), a
+    shard entry removed from the manifest (its own counts disagree), a shard file on disk that the
+    manifest does not list, a deleted pred.bin and offsets that are not a sequence: each is one
+    line naming the file, before any training."""
+    import shutil
+
+    from llara_fast.data.loader import VERIFIED, verify_dataset
+    from llara_fast.errors import UserError
+
+    ds = ShardedDataset(prepared)
+    assert len(ds.manifest["shards"]) >= 2 and len(ds) == ds.manifest["counts"]["examples"]
+    verify_dataset(ds)  # first use: verified, and remembered
+    assert (prepared / VERIFIED).is_file()
+    text = prepared / "shard-00000.text.bin"
+    raw = bytearray(text.read_bytes())
+    raw[7] ^= 0x01
+    text.write_bytes(bytes(raw))
+    verify_dataset(ShardedDataset(prepared))  # remembered: not read again...
+    with pytest.raises(UserError, match=r"shard-00000.text.bin: does not match the checksum"):
+        verify_dataset(ShardedDataset(prepared), force=True)  # ...unless data.verify
+    (prepared / VERIFIED).unlink()
+    with pytest.raises(UserError, match=r"shard-00000.text.bin: does not match the checksum"):
+        verify_dataset(ShardedDataset(prepared))  # a directory's first use
+    raw[7] ^= 0x01
+    text.write_bytes(bytes(raw))
+
+    mpath = prepared / "manifest.json"
+    good = mpath.read_text()
+    m = json.loads(good)
+    m["shards"] = m["shards"][:-1]
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(UserError, match=r"shards hold \d+ examples but its counts say \d+"):
+        ShardedDataset(prepared)
+    m["counts"]["examples"] = sum(sh["examples"] for sh in m["shards"])
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(UserError, match=r"shard shard-0000\d is on disk but not in manifest.json"):
+        ShardedDataset(prepared)
+    mpath.write_text(good)
+
+    pred = prepared / "shard-00001.pred.bin"
+    shutil.move(pred, pred.with_suffix(".gone"))
+    with pytest.raises(UserError, match=r"shard-00001.pred.bin: missing"):
+        ShardedDataset(prepared)
+    shutil.move(pred.with_suffix(".gone"), pred)
+
+    offsets = prepared / "shard-00000.offsets.npy"
+    off = np.load(offsets)
+    off[0, 3] = off[0, 5] + 1  # not non-decreasing any more
+    np.save(offsets, off)
+    with pytest.raises(UserError, match=r"shard-00000.offsets.npy: offsets are not a non-decreasing sequence"):
+        ShardedDataset(prepared)
