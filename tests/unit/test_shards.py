@@ -115,8 +115,8 @@ def prepared(tmp_path):
     from llara_fast.data.prepare import PrepareOptions, prepare
 
     out = tmp_path / "data"
-    prepare(None, "wiki-sample", "smollm2-135m", 64, out, PrepareOptions(limit=40, shard_examples=25, batch_records=8, progress=False,
-                                                                         workers=1))
+    prepare(None, "wiki-sample", "smollm2-135m", 64, out,
+            PrepareOptions(limit=40, shard_examples=25, batch_records=8, progress=False, workers=1))
     return out
 
 
