@@ -199,9 +199,16 @@ def build_index(doc_emb: np.ndarray, cfg: IndexConfig, k: int):
                 raise UserError(f"--pq-m {pq_m} does not divide the embedding dim {d}")
             index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, 8, ip)
             params["pq_m"] = pq_m
+        if cfg.kind == "ivfpq" and n < 256:
+            raise UserError(f"--index ivfpq needs at least 256 documents to train its 8-bit codebooks; this corpus has "
+                            f"{n}: use --index ivf or flat")
         rng = np.random.default_rng(cfg.seed)
         train = doc_emb if n <= 256 * nlist else doc_emb[np.sort(rng.choice(n, 256 * nlist, replace=False))]
-        index.train(train)
+        try:
+            index.train(train)
+        except RuntimeError as e:
+            raise UserError(f"--index {cfg.kind}: faiss could not train it on {len(train)} vectors "
+                            f"({str(e).splitlines()[0]})") from None
         index.nprobe = min(nlist, cfg.nprobe or max(32, nlist // 8))
         params.update(nlist=nlist, nprobe=index.nprobe)
     if cfg.kind != "hnsw" and _faiss_gpus() > 0:  # faiss has no GPU HNSW
@@ -450,17 +457,34 @@ def main(argv=None):
         ap.error("--k must be at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        if args.out:  # an --out we cannot write is found before the evaluation, not after it
+            check_writable(Path(args.out))
+        if args.run_file:
+            check_writable(Path(args.run_file))
         result = run_evaluation(args)
+        print(format_report(result))
+        line = json.dumps(result)
+        if args.out:
+            Path(args.out).write_text(line + "\n")
     except UserError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    print(format_report(result))
-    line = json.dumps(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(line + "\n")
+    except OSError as e:
+        print(f"evaluate: error: {e.filename or args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 1
     print(line)
     return 0
+
+
+def check_writable(path: Path) -> None:
+    """One line now, instead of a traceback after the work, when ``path`` cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path.parent}: cannot create it ({e.strerror or e})") from None
+    target = path if path.exists() else path.parent
+    if not os.access(target, os.W_OK):
+        raise UserError(f"{path}: cannot write there (permission denied)")
 
 
 if __name__ == "__main__":

@@ -139,12 +139,17 @@ def save_checkpoint(out: Path, step: int, state: TrainState, keep: int, identity
     rank = dist.get_rank()
     final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
+    error = None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:  # e.g. the checkpoints directory became read-only mid-run
+            error = e
     dist.barrier()
-    error = None
     try:
+        if error is not None:
+            raise error
         msd, osd = get_state_dict(state.module, state.optimizer)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
         torch.save({"step": step, "scheduler": state.scheduler.state_dict(), "data": state.loader.state_dict(),

@@ -24,13 +24,12 @@ class DirLock:
         """sibling: lock .NAME.lock beside the directory instead of inside it, for outputs that are
         written elsewhere and renamed into place (prepare, export)."""
         out = Path(out)
-        if sibling:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self.path = sibling_lock(out)
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            self.path = out / LOCK_FILE
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.path = sibling_lock(out) if sibling else out / LOCK_FILE
+        try:  # an output we cannot write is one line, before any work
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{out}: cannot write there ({e.strerror or e}); choose a writable {what}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -207,6 +207,14 @@ def test_rotation_and_disk_errors_leave_no_false_checkpoint(tmp_path, monkeypatc
             ck.save_checkpoint(out, 3, state, keep=1, identity={"model_args": {}})
         assert not (out / "checkpoints" / "step_0000003.tmp").exists()
         ck.verify_checkpoint(out / "checkpoints" / "step_0000002")  # the previous one, intact
+
+        def read_only(self, *a, **k):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        monkeypatch.setattr(ck.Path, "mkdir", read_only)  # the checkpoints directory became read-only
+        with pytest.raises(UserError, match=r"step_0000004\.tmp: could not write the checkpoint \(.*Permission denied"):
+            ck.save_checkpoint(out, 4, state, keep=1, identity={"model_args": {}})
+        monkeypatch.undo()
+        ck.verify_checkpoint(out / "checkpoints" / "step_0000002")
     finally:
         dist.destroy_process_group()
 
@@ -294,3 +302,13 @@ def test_resume_from_the_runs_own_config_records_what_changed(tmp_path):
     assert cfg["optim"]["lr"] == 5e-4 and cfg["run"]["steps"] == 6 and cfg["data"]["limit"] == 60
     assert cfg["run"]["out_dir"] == str(run) and cfg["resumed"] == [
         {"step": 4, "changed": ["optim.lr: 0.001 -> 0.0005", "run.steps: 4 -> 6"]}]
+
+
+def test_a_token_budget_below_the_longest_example_is_refused_up_front(tmp_path):
+    """One line naming the budget and the minimum, before config.toml is written (so the corrected
+    command then runs without --run.overwrite)."""
+    run = tmp_path / "run"
+    p = _run([*COMMON, "--data.token_budget", "60", "--run.steps", "1", "--run.out_dir", str(run)], check=False)
+    assert p.returncode == 2 and "data.token_budget 60 is below the longest example" in p.stderr, p.stderr[-1500:]
+    assert "raise it to at least" in p.stderr and not (run / "config.toml").exists()
+    _run([*COMMON, "--run.steps", "1", "--run.out_dir", str(run)])  # the corrected rerun

@@ -348,3 +348,24 @@ def test_non_finite_weights_are_refused_in_every_cli(tmp_path, capsys):
         model.norm.weight.fill_(float("inf"))
     with pytest.raises(UserError, match="not finite"):
         Encoder(model, tok, device="cpu").encode_passages(["a text"])
+
+
+def test_outputs_and_indexes_fail_in_one_line_before_the_work(tmp_path, capsys):
+    """An --out that cannot be written is reported before the evaluation runs; --index ivfpq on
+    fewer than 256 documents names the minimum (faiss raised a RuntimeError); an output directory
+    that cannot be created is one line in every command that locks one."""
+    from llara_fast.errors import UserError
+    from llara_fast.evaluate import IndexConfig, build_index
+    from llara_fast.io.lock import DirLock
+
+    ds = _write_beir(tmp_path / "ds", crlf=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["--model", "debug", "--beir", str(ds), "--quiet", "--out", str(blocker / "res.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot create it" in err[0]
+    emb = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    with pytest.raises(UserError, match="ivfpq needs at least 256 documents.*has 40"):
+        build_index(emb, IndexConfig(kind="ivfpq"), k=10)
+    with pytest.raises(UserError, match="cannot write there"):
+        DirLock(blocker / "out", "embedding directory")
