@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
 from llara_fast.config import PRESETS, ModelArgs
 from llara_fast.errors import InputNotFound, UserError
@@ -160,10 +160,30 @@ def load_tokenizer(path: str | os.PathLike):
         raise InputNotFound(f"{path}: no such tokenizer file or directory")
     files = {p.name for p in path.iterdir()}
     if "tokenizer.json" in files or "tokenizer_config.json" in files:
-        return AutoTokenizer.from_pretrained(str(path))
+        return _directory_tokenizer(path, files)
     if "tokenizer.model" in files:
         return load_tokenizer(path / "tokenizer.model")
     raise InputNotFound(f"{path}: no tokenizer.json, tokenizer_config.json or tokenizer.model")
+
+
+def _directory_tokenizer(path: Path, files: set[str]):
+    """The tokenizer that a directory's tokenizer files describe. AutoTokenizer picks a class by the
+    model's config.json model_type, and for Mistral-type models with mistral-common importable it
+    picks mistral-common's backend, which wants a tekken.json and packages (tiktoken) that
+    mistral-common installed without its dependencies lacks: a directory that ships tokenizer.json
+    is read by the generic fast tokenizer instead (the same ids; tests/unit/test_families.py)."""
+    cfg = {}
+    if "config.json" in files:
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            cfg = {}
+    if cfg.get("model_type") in MISTRAL_COMMON_TYPES and "tokenizer.json" in files and "tekken.json" not in files:
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+MISTRAL_COMMON_TYPES = {"mistral", "ministral", "mixtral", "pixtral", "mistral3", "voxtral"}
 
 
 def add_special_tokens(tokenizer) -> list[int]:

@@ -26,7 +26,9 @@ from typing import Any, ClassVar
 
 import torch
 from sentence_transformers.base.modules import InputModule, Module
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
+
+MISTRAL_COMMON_TYPES = {"mistral", "ministral", "mixtral", "pixtral", "mistral3", "voxtral"}
 
 KINDS = ("query", "document")
 
@@ -106,8 +108,10 @@ class LlaraTransformer(InputModule):
             where = os.path.join(model_name_or_path, subfolder, cls.config_file_name)
             raise ValueError(f"{where}: missing; this directory was not written by llara_fast.export")
         model = AutoModel.from_pretrained(model_name_or_path, **hub, **(kwargs.get("model_kwargs") or {}))
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **hub,
-                                                  **(kwargs.get("processor_kwargs") or {}))
+        # AutoTokenizer would pick mistral-common's backend for Mistral-type models where that
+        # package is importable; the export's tokenizer is the tokenizer.json it ships
+        loader = PreTrainedTokenizerFast if model.config.model_type in MISTRAL_COMMON_TYPES else AutoTokenizer
+        tokenizer = loader.from_pretrained(model_name_or_path, **hub, **(kwargs.get("processor_kwargs") or {}))
         return cls(model.eval(), tokenizer, **config)
 
 

@@ -109,3 +109,39 @@ def test_export_keeps_the_family(tmp_path):
     texts = ["a llama", "Paris is in France."]
     torch.testing.assert_close(Encoder(again, tok).encode_passages(texts), Encoder(model, tok).encode_passages(texts),
                                rtol=0, atol=0)
+
+
+def test_mistral_directory_loads_in_every_entry_point(tmp_path, capsys):
+    """A Mistral-type directory with its own tokenizer files (model_type mistral in config.json)
+    loads through load(), the export CLI, evaluate and sentence-transformers in the README's venv,
+    where mistral-common is installed without its dependencies: transformers' AutoTokenizer would
+    pick mistral-common's backend there and fail on `import tiktoken` (issue 27.10)."""
+    import json
+
+    from conftest import write_wiki_beir
+    from sentence_transformers import SentenceTransformer
+
+    from llara_fast.encode import Encoder
+    from llara_fast.evaluate import main as evaluate_main
+    from llara_fast.io.export import export
+    from llara_fast.io.export import main as export_main
+    from llara_fast.io.load import load
+
+    _, tok, _ = load("debug", attn_backend="sdpa")
+    args = dataclasses.replace(ARGS["mistral"], vocab_size=len(tok))
+    model = Transformer(args, attn_backend="sdpa")
+    model.init_weights(seed=0)
+    src = export(model, tok, tmp_path / "mistral")
+    assert json.loads((src / "config.json").read_text())["model_type"] == "mistral"
+    m2, tok2, _ = load(str(src), attn_backend="sdpa")
+    assert tok2("a text", add_special_tokens=False)["input_ids"] == tok("a text", add_special_tokens=False)["input_ids"]
+    assert export_main(["--checkpoint", str(src), "--out", str(tmp_path / "again")]) == 0
+    ds = write_wiki_beir(tmp_path / "ds", 6, 3)
+    assert evaluate_main(["--model", str(src), "--beir", str(ds), "--quiet"]) == 0
+    capsys.readouterr()
+    st = SentenceTransformer(str(tmp_path / "again"), trust_remote_code=True, device="cpu")
+    got = torch.as_tensor(st.encode_document(["a text", "another one"], convert_to_tensor=True))
+    want = Encoder(m2, tok2, device="cpu").encode_passages(["a text", "another one"])
+    # this checks that it loads and encodes with the same tokenizer and recipe (the embeddings' numerics
+    # are test_export's): the same unit vectors up to rounding, far from any other text's
+    assert got.shape == want.shape and bool(((got * want).sum(-1) > 0.999).all())
