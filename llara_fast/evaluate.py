@@ -299,8 +299,11 @@ def run_evaluation(args) -> dict:
     print(f"{name} ({args.split}): {len(doc_ids)} documents, {len(data.query_ids)} queries to evaluate",
           file=sys.stderr)
     if not doc_ids or not data.query_ids:
+        why = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v and (k.startswith("quer") or
+                                                                             k.startswith("corpus")))
         raise UserError(f"{args.beir}: nothing to evaluate ({len(doc_ids)} documents, "
-                        f"{len(data.query_ids)} queries with relevant documents)")
+                        f"{len(data.query_ids)} queries with relevant documents" + (f"; skipped: {why}" if why else "")
+                        + ")")
     q_emb = enc.encode(data.query_texts, "query", progress=not args.quiet)
     q_stats = dict(enc.stats)
     cfg = IndexConfig(args.index, args.nlist, args.nprobe, ef_search=args.ef_search, pq_m=args.pq_m, seed=args.seed)

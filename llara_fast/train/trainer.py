@@ -384,7 +384,8 @@ class Trainer:
         if ck is None:
             if complete_checkpoints(self.out):
                 raise UserError(f"run.resume: no checkpoint under {self.out / 'checkpoints'} verifies (see above)")
-            self.log(f"run.resume: no complete checkpoint under {self.out / 'checkpoints'}; starting fresh")
+            what = "holds no run yet" if not (self.out / "config.toml").is_file() else "has no complete checkpoint"
+            self.log(f"run.resume: {self.out.resolve()} {what}; starting fresh")
             if self.rank == 0:
                 truncate_metrics(self.out / "metrics.jsonl", 0)  # rows of steps no checkpoint holds
             return 0

@@ -369,3 +369,14 @@ def test_outputs_and_indexes_fail_in_one_line_before_the_work(tmp_path, capsys):
         build_index(emb, IndexConfig(kind="ivfpq"), k=10)
     with pytest.raises(UserError, match="cannot write there"):
         DirLock(blocker / "out", "embedding directory")
+
+
+def test_all_empty_queries_say_why(tmp_path, capsys):
+    """Every query text empty: the one-line error gives the reason they were dropped."""
+    from conftest import write_wiki_beir
+
+    ds = write_wiki_beir(tmp_path / "ds", 5, 3)
+    (ds / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": "  "}) + "\n" for i in range(3)))
+    assert main(["--model", "debug", "--beir", str(ds), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nothing to evaluate" in err and "queries_empty_text 3" in err, err
