@@ -22,6 +22,7 @@ are missing (after a crash or kill); ``llara_fast.evaluate --embeddings DIR`` se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import resource
@@ -173,11 +174,21 @@ def read_embeddings(path: str, enc: Encoder, corpus: str | os.PathLike | None = 
     return ids, emb, counts
 
 
+MAX_SHARD_LINES = 10_000
+
+
+def auto_shard_size(lines: int, world: int) -> int:
+    """Corpus lines per shard when none is given: about 4 shards per rank (every rank busy, a kill
+    loses a quarter of a rank's share at most), at most MAX_SHARD_LINES. It depends on the number
+    of ranks: rerun with the same number (or pass --shard-size) to resume a directory."""
+    return max(1, min(MAX_SHARD_LINES, -(-lines // (4 * world))))
+
+
 @dataclass(frozen=True)
 class CorpusJob:
     corpus: str
     out: str
-    shard_size: int = 10_000
+    shard_size: int = 0  # 0: auto_shard_size
     dtype: str = "float32"       # of the stored vectors: float32 or float16 (half the disk)
     overwrite: bool = False
     progress: bool = True
@@ -186,11 +197,13 @@ class CorpusJob:
 def encode_corpus(enc: Encoder, job: CorpusJob, rank: int = 0, world: int = 1) -> dict:
     """Encode this rank's shards of the corpus that are not done yet; rank 0 then marks the
     directory complete (all ranks must call it). Returns this rank's figures."""
-    if job.shard_size < 1:
-        raise UserError(f"shard size must be >= 1, got {job.shard_size}")
+    if job.shard_size < 0:
+        raise UserError(f"shard size must be >= 1 (0: from the corpus and the ranks), got {job.shard_size}")
     if job.dtype not in DTYPES:
         raise UserError(f"unknown embedding dtype {job.dtype!r} ({', '.join(DTYPES)})")
     ident = corpus_identity(job.corpus)
+    if job.shard_size == 0:  # every rank gets work whatever the corpus size: about 4 shards per rank
+        job = dataclasses.replace(job, shard_size=auto_shard_size(ident["lines"], world))
     manifest = {"kind": "passage", "model": model_identity(enc), "corpus": {"name": os.path.basename(job.corpus),
                 **ident}, "shard_size": job.shard_size, "dtype": job.dtype, "dim": enc.model.args.dim}
     store = EmbeddingShards(job.out)
@@ -280,7 +293,9 @@ def main(argv=None):
     ap.add_argument("--corpus", help="a BEIR corpus.jsonl to encode in shards into --out (under torchrun: "
                     "each rank its share)")
     ap.add_argument("--out", help="directory of the embedding shards (with --corpus)")
-    ap.add_argument("--shard-size", type=int, default=CorpusJob.shard_size, help="corpus lines per shard")
+    ap.add_argument("--shard-size", type=int, default=CorpusJob.shard_size,
+                    help="corpus lines per shard (0: about 4 shards per rank, at most 10,000 lines; a rerun "
+                         "resumes with the same number of ranks or the same --shard-size)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="of the stored vectors")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it holds another run's shards")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -74,3 +74,19 @@ def test_kill_and_rerun_encodes_only_the_missing_shards(tmp_path, corpus):
     np.testing.assert_array_equal(a, b)  # the same process settings: bit for bit
     p = _encode(corpus, out)  # complete: nothing to do
     assert "0 of 12 shards encoded (12 were done)" in p.stderr
+
+
+def test_a_small_corpus_keeps_every_rank_busy(tmp_path, corpus):
+    """Without --shard-size, a corpus far below one 10,000-line shard is cut into about 4 shards per
+    rank: both ranks of 2 encode, and the result is the one process's on the same shards (one
+    thread each, the same packing: bit for bit)."""
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(corpus.read_text().splitlines(keepends=True)[:40]))
+    env = {"OMP_NUM_THREADS": "1"}
+    args = ["--model", "debug", "--attn", "sdpa", "--corpus", str(small), "--quiet"]
+    p = run_entry(["-m", "llara_fast.encode"], [*args, "--out", str(tmp_path / "two")], nproc=2, env=env)
+    assert "rank 0: 4 of 4 shards encoded" in p.stderr and "rank 1: 4 of 4 shards encoded" in p.stderr, p.stderr
+    run_entry(["-m", "llara_fast.encode"], [*args, "--out", str(tmp_path / "one"), "--shard-size", "5"], env=env)
+    ids1, e1, _ = EmbeddingShards(tmp_path / "one").read()
+    ids2, e2, _ = EmbeddingShards(tmp_path / "two").read()
+    assert ids1 == ids2 and len(ids1) == 39 and np.array_equal(e1, e2)
