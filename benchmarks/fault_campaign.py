@@ -11,6 +11,12 @@ at random), then resumes with --run.resume true until the run completes (a try w
 had already finished counts as not interrupted). A try survives when the final metrics.jsonl holds
 each step once with the reference's losses (rel 1e-6) and the batches of every step re-run after
 the resume have the reference's fingerprints. Prints one line per try and a JSON summary.
+
+--integrity adds the cases of silent wrong results (issue 26), each tried once and held or not:
+a diverging run (lr 1e3) stops without saving a diverged step; an input edited under the
+on-the-fly cache is prepared again; two encodes / two prepares on one --out at once leave one
+consistent result; a flipped bit in an embedding shard is refused by evaluate and repaired by
+rerunning encode; a flipped bit in a prepared data shard is refused before training.
 """
 from __future__ import annotations
 
@@ -69,12 +75,86 @@ def same(got: list[dict], want: list[dict]) -> bool:
                for k in ("loss", "lm", "ebae", "ebar", "grad_norm"))
 
 
+def _cli(module: str, *args, cwd: Path = ROOT) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _done(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=900)
+    return proc.returncode, out, err
+
+
+def _flip(path: Path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def integrity_cases(work: Path, data: Path) -> dict[str, bool]:
+    """The issue-26 cases, each tried once: {name: held}."""
+    from itertools import islice
+
+    from llara_fast.data.sources import iter_wiki_sample
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import write_wiki_beir
+
+    held = {}
+    rc, _, err = _done(_cli("llara_fast.pretrain", *run_args(work / "div", 8, data)[:-4], "--optim.lr", "1e3",
+                            "--run.steps", 8, "--run.ckpt_every", 1, "--run.out_dir", work / "div"))
+    saved = sorted(p.name for p in (work / "div" / "checkpoints").glob("step_*")) if (work / "div").exists() else []
+    at = int(err.split("diverged at step ")[1].split(":")[0]) if "diverged at step " in err else None
+    held["divergence_stops_before_saving"] = rc == 1 and at is not None and all(int(n[5:]) < at for n in saved)
+    paras = [t for _, t in islice(iter_wiki_sample(), 90)]
+    src = work / "in.jsonl"
+    outs = []
+    for docs in (paras[:20], paras[20:90]):
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+        outs.append(_done(_cli("llara_fast.pretrain", "--model.name", "debug", "--data.format", "text",
+                               "--data.input", src, "--data.limit", 0, "--run.steps", 1, "--data.token_budget", 500,
+                               "--run.out_dir", work / "runs" / f"r{len(outs)}")))
+    held["edited_input_prepared_again"] = all(o[0] == 0 and "data: preparing" in o[1] for o in outs)
+    ds = write_wiki_beir(work / "ds", 60, 10)
+    for name, cmd in (("encode", ("llara_fast.encode", "--model", "debug", "--corpus", ds / "corpus.jsonl",
+                                  "--out", work / "emb", "--shard-size", 20, "--quiet")),
+                      ("prepare", ("llara_fast.data.prepare", "--format", "wiki-sample", "--tokenizer",
+                                   "smollm2-135m", "--max-len", 64, "--limit", 400, "--workers", 1, "--no-progress",
+                                   "--out", work / "prep"))):
+        both = [_done(p) for p in [_cli(*cmd), _cli(*cmd)]]
+        ok = all(r == 0 or "in use by" in e for r, _, e in both) and any(r == 0 for r, _, _ in both)
+        if name == "encode":
+            r, _, _ = _done(_cli("llara_fast.evaluate", "--model", "debug", "--beir", ds, "--embeddings",
+                                 work / "emb", "--quiet"))
+            ok = ok and r == 0
+        else:
+            ok = ok and (work / "prep" / "manifest.json").is_file()
+        held[f"concurrent_{name}_one_consistent_result"] = ok
+    _flip(work / "emb" / "shard-00001.npy", -3)
+    r1, _, e1 = _done(_cli("llara_fast.evaluate", "--model", "debug", "--beir", ds, "--embeddings", work / "emb",
+                           "--quiet"))
+    r2, _, e2 = _done(_cli("llara_fast.encode", "--model", "debug", "--corpus", ds / "corpus.jsonl", "--out",
+                           work / "emb", "--shard-size", 20, "--quiet"))
+    r3, _, _ = _done(_cli("llara_fast.evaluate", "--model", "debug", "--beir", ds, "--embeddings", work / "emb",
+                          "--quiet"))
+    held["corrupt_embedding_refused_then_repaired"] = (r1 != 0 and "damaged" in e1 and r2 == 0
+                                                       and "shard 1 is damaged" in e2 and r3 == 0)
+    shutil.copytree(data, work / "data2")
+    (work / "data2" / ".verified").unlink(missing_ok=True)
+    _flip(work / "data2" / "shard-00000.text.bin", 11)
+    r, _, e = _done(_cli("llara_fast.pretrain", *run_args(work / "bad", 2, work / "data2")))
+    held["corrupt_data_shard_refused"] = r != 0 and "does not match the checksum" in e
+    return held
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tries", type=int, default=30)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the summary JSON here too")
+    p.add_argument("--integrity", action="store_true", help="also the silent-wrong-result cases (issue 26)")
     a = p.parse_args(argv)
     rng = random.Random(a.seed)
     work = Path(tempfile.mkdtemp(prefix="fault-campaign-"))
@@ -128,9 +208,15 @@ def main(argv=None) -> int:
         print(f"try {i}: {sig.name} {delay:.1f}s after step 1 (after step {at}, exit {rc}) -> "
               f"{'survived' if ok else 'DIFFERENT'}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
+    if a.integrity:
+        cases = integrity_cases(work, data)
+        for name, ok in cases.items():
+            print(f"integrity {name}: {'held' if ok else 'FAILED'}", flush=True)
+        tried, survived = tried + len(cases), survived + sum(cases.values())
     summary = {"bench": "fault_campaign", "tries": tried, "survived": survived, "not_interrupted": not_interrupted,
                "by_signal": {k: {"tried": v[0], "survived": v[1]} for k, v in kinds.items()},
                "by_steps_done": dict(sorted(after_step.items())),
+               "integrity": cases if a.integrity else None,
                "steps": a.steps, "reference_training_s": round(wall, 1), "seed": a.seed,
                "command": "python benchmarks/fault_campaign.py " + " ".join(argv or sys.argv[1:])}
     print(json.dumps(summary))

@@ -17,9 +17,9 @@ if not torch.cuda.is_available():  # Triton kernels run interpreted on CPU; set 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-if os.environ.get("LLARA_TEST_MATMUL") == "shuffled":  # scripts/numerics_matrix.sh: another summation order
-    import shuffled_matmul
-
+if os.environ.pop("LLARA_TEST_MATMUL", "") == "shuffled":  # scripts/numerics_matrix.sh: another summation
+    import shuffled_matmul                                    # order, in this process (its subprocesses keep
+                                                              # the library's: two orders meet in those tests)
     shuffled_matmul.install()
 
 from llara_fast.batch import Example
