@@ -100,7 +100,8 @@ class PackedLoader:
             raise UserError(f"token budget {token_budget} is below the {self.fixed_tokens} prompt tokens of one example")
         longest = self.fixed_tokens + min(int(dataset.text_lengths.max(initial=0)), max_len)
         if longest > token_budget:  # before any work (and before a run writes its config.toml)
-            raise ConfigError(f"data.token_budget {token_budget} is below the longest example of {dataset.data_dir} "
+            raise ConfigError(f"token budget {token_budget} (data.token_budget) is below the longest example of "
+                              f"{dataset.data_dir} "
                               f"({longest} tokens: {longest - self.fixed_tokens} of text + {self.fixed_tokens} of "
                               f"prompt); raise it to at least {longest} or lower the text cap")
         self._window = groups_per_call * (token_budget // self.fixed_tokens + 1)

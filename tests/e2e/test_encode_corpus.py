@@ -31,24 +31,36 @@ def corpus(tmp_path_factory):
     return path
 
 
-def _encode(corpus, out, nproc=1, check=True):
+def _encode(corpus, out, nproc=1, check=True, env=None):
     return run_entry(["-m", "llara_fast.encode"], ["--model", "debug", "--attn", "sdpa", "--corpus", str(corpus),
                                                    "--out", str(out), "--shard-size", str(SHARD), "--quiet"],
-                     nproc=nproc, check=check)
+                     nproc=nproc, check=check, env=env)
 
 
 def test_two_ranks_equal_one_and_the_in_memory_encoder(tmp_path, corpus):
-    _encode(corpus, tmp_path / "one")
-    p = _encode(corpus, tmp_path / "two", nproc=2)
+    """The same shards encoded by 1 or 2 processes, and by the in-memory encoder shard by shard: one
+    thread everywhere, the same packing, so bit for bit (no tolerance to fit to a machine)."""
+    import torch
+
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    _encode(corpus, tmp_path / "one", env=one_thread)
+    p = _encode(corpus, tmp_path / "two", nproc=2, env=one_thread)
     assert "rank 1: 6 of 6 shards encoded" in p.stderr and "complete, 119 passages in 12 shards" in p.stdout
     ids1, e1, c1 = EmbeddingShards(tmp_path / "one").read()
     ids2, e2, c2 = EmbeddingShards(tmp_path / "two").read()
     assert ids1 == ids2 and len(ids1) == N_DOCS - 1 and "w7" not in ids1
     assert c1 == c2 == {"corpus_bad_line": 1}
-    assert np.abs(e1 - e2).max() <= 1e-6
+    np.testing.assert_array_equal(e1, e2)
     enc = Encoder.from_pretrained("debug", attn_backend="sdpa", device="cpu")
-    texts = [f"{t} {x}".strip() for i, (t, x) in enumerate(islice(iter_wiki_sample(), N_DOCS)) if i != 7]
-    assert np.abs(e1 - enc.encode_passages(texts).numpy()).max() <= 1e-6
+    texts = [(i, f"{t} {x}".strip()) for i, (t, x) in enumerate(islice(iter_wiki_sample(), N_DOCS)) if i != 7]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mem = np.concatenate([enc.encode_passages([x for i, x in texts if i // SHARD == s]).numpy()
+                              for s in range(N_DOCS // SHARD)])
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(e1, mem)
 
 
 def test_kill_and_rerun_encodes_only_the_missing_shards(tmp_path, corpus):

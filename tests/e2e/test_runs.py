@@ -309,6 +309,6 @@ def test_a_token_budget_below_the_longest_example_is_refused_up_front(tmp_path):
     command then runs without --run.overwrite)."""
     run = tmp_path / "run"
     p = _run([*COMMON, "--data.token_budget", "60", "--run.steps", "1", "--run.out_dir", str(run)], check=False)
-    assert p.returncode == 2 and "data.token_budget 60 is below the longest example" in p.stderr, p.stderr[-1500:]
+    assert p.returncode == 2 and "token budget 60 (data.token_budget) is below the longest example" in p.stderr, p.stderr[-1500:]
     assert "raise it to at least" in p.stderr and not (run / "config.toml").exists()
     _run([*COMMON, "--run.steps", "1", "--run.out_dir", str(run)])  # the corrected rerun

@@ -23,7 +23,7 @@ LAYERS = [
     ["llara_fast.attention", "llara_fast.lora", "llara_fast.data.records"],
     ["llara_fast.model"],
     # formats: HF key map, safetensors, GGUF, tokenizers
-    ["llara_fast.io", "llara_fast.io.hf", "llara_fast.io.st_module", "llara_fast.io.embeddings"],
+    ["llara_fast.io", "llara_fast.io.hf", "llara_fast.io.st_module", "llara_fast.io.embeddings", "llara_fast.io.lock"],
     # data and objectives
     ["llara_fast.data.shards", "llara_fast.data.packing", "llara_fast.data.native", "llara_fast.data.prepare",
      "llara_fast.data.loader", "llara_fast.data.beir", "llara_fast.data.pairs", "llara_fast.objectives",
