@@ -162,7 +162,7 @@ def _parse_argv(argv: list[str]) -> tuple[str | None, list[tuple[str, str, str]]
     return path, out
 
 
-def _apply_toml(cfg, path: str, explicit: set | None = None) -> None:
+def _apply_toml(cfg, path: str) -> None:
     for section, table in _read_toml(path).items():
         if section == HISTORY:
             continue
@@ -170,34 +170,30 @@ def _apply_toml(cfg, path: str, explicit: set | None = None) -> None:
             raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
         for key, value in table.items():
             _apply(cfg, section, key, value, path)
-            if explicit is not None:
-                explicit.add(f"{section}.{key}")
 
 
 def load_config(argv: list[str], cls):
-    """cls(), then a TOML file (--config FILE first), then --section.key VALUE overrides.
+    """cls(), then a TOML file (--config FILE, anywhere on the line), then --section.key VALUE overrides.
 
     With run.resume true (from the file or the command line) and RUN/config.toml present, the
     run's own config.toml is the base instead of cls()'s defaults: `--run.resume true` alone
     continues a run as it was configured, and the settings given with it are overrides (the
-    trainer applies or refuses each, by key). ``cfg.explicit`` holds the keys given."""
+    trainer applies or refuses each, by key)."""
     path, overrides = _parse_argv(argv)
     probe = cls()
     if path is not None:
         _apply_toml(probe, path)
     for section, key, value in overrides:
         _apply(probe, section, key, value, "command line")
-    cfg, explicit = cls(), set()
+    cfg = cls()
     run = getattr(probe, "run", None)
     own = Path(run.out_dir) / "config.toml" if run is not None else None
     if run is not None and run.resume and own.is_file():
         _apply_toml(cfg, str(own))
     if path is not None:
-        _apply_toml(cfg, path, explicit)
+        _apply_toml(cfg, path)
     for section, key, value in overrides:
         _apply(cfg, section, key, value, "command line")
-        explicit.add(f"{section}.{key}")
-    cfg.explicit = explicit
     return cfg
 
 
