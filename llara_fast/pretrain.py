@@ -38,7 +38,11 @@ class PretrainConfig:
 def run(cfg: PretrainConfig) -> dict:
     trainer = Trainer(cfg, "pretrain", default_steps=(12, 200))
     d, m, gpu = cfg.data, cfg.model, trainer.on_gpu
+    auto_limit = d.limit < 0
     d.limit = d.limit if d.limit >= 0 else (0 if gpu else 2000)
+    if d.limit and not d.dir and trainer.rank == 0:  # a cap on the on-the-fly data is said, not silent
+        print(f"data: data.limit reads the first {d.limit:,} records of {d.input or d.format}"
+              + (" (-1: 2,000 on CPU)" if auto_limit else "") + "; --data.limit 0 reads all", flush=True)
     d.token_budget = d.token_budget or (16384 if gpu else 1024)
     trainer.claim()
     torch.manual_seed(cfg.run.seed)

@@ -107,7 +107,8 @@ def test_cutoff_len_prepares_on_the_fly(tmp_path):
     """data.cutoff_len: the on-the-fly preparation cuts as the released code (TEXT = cutoff minus
     the 37 prompt tokens of SmolLM2's tokenizer, targets at the cutoff)."""
     out = tmp_path / "runs" / "cut"
-    _run([*COMMON, "--data.limit", "16", "--data.cutoff_len", "77", "--run.steps", "1", "--run.out_dir", str(out)])
+    p = _run([*COMMON, "--data.limit", "16", "--data.cutoff_len", "77", "--run.steps", "1", "--run.out_dir", str(out)])
+    assert "data: data.limit reads the first 16 records of wiki-sample; --data.limit 0 reads all" in p.stdout
     (manifest,) = (tmp_path / "runs" / "data").glob("*/manifest.json")
     m = json.loads(manifest.read_text())
     assert (m["cutoff_len"], m["max_len"], m["target_max_len"]) == (77, 40, 77)
