@@ -74,7 +74,7 @@ from llara_fast.data.shards import FORMAT_VERSION, ShardWriter, token_dtype_for,
 from llara_fast.data.text import doc_chunks, remove_control_chars, remove_stopwords
 from llara_fast.errors import UserError
 from llara_fast.io.hf import add_special_tokens, load_tokenizer, resolve_source
-from llara_fast.io.lock import DirLock, locked_by, remove_stale_tmp
+from llara_fast.io.lock import DirLock, file_sha256, locked_by, remove_stale_tmp
 from llara_fast.templates import Lengths, PromptConfig, Template
 
 FORMATS = ("llara-jsonl", "text", "wiki-sample")
@@ -455,11 +455,7 @@ def input_fingerprint(path: str | os.PathLike, root: Path) -> str:
         st = f.stat()
         rec = index.get(str(f))
         if rec is None or rec["size"] != st.st_size or rec["mtime_ns"] != st.st_mtime_ns:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-            rec = index[str(f)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+            rec = index[str(f)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(f)}
             changed = True
         total.update(f"{f.relative_to(path) if f != path else f.name}:{rec['sha256']};".encode())
     if changed:
@@ -477,8 +473,6 @@ def cached_prepare_dir(root: Path, data, tokenizer_spec: str) -> Path:
     tag = f"{data.format}-{Path(tokenizer_spec).name}-" + (
         f"cutoff{data.cutoff_len}" if data.cutoff_len else f"len{data.max_len}") + "-v2" + (
         f"-n{data.limit}" if data.limit > 0 else "")  # v2: targets cut at the cutoff, not the TEXT cap
-    if getattr(data, "remove_stopwords", False):
-        tag += "-nostop"
     if data.input:
         tag += "-" + input_fingerprint(data.input, root)[:16]
     return Path(root) / tag

@@ -30,6 +30,7 @@ import numpy as np
 
 from llara_fast.batch import Example
 from llara_fast.errors import InputNotFound, UserError
+from llara_fast.io.lock import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -123,14 +124,6 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=2)
     os.replace(tmp, Path(out_dir) / MANIFEST)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- reading ------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ Old checkpoints (a COMPLETE without hashes) still load; they are not verified.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from llara_fast.config import ModelArgs
 from llara_fast.errors import UserError
+from llara_fast.io.lock import file_sha256
 from llara_fast.lora import apply_lora, merge_lora
 from llara_fast.model import Transformer, rope_inv_freq
 
@@ -65,14 +65,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def file_hashes(path: Path) -> dict[str, str]:
     """sha256 of every file of a checkpoint directory but its COMPLETE marker."""
-    out = {}
-    for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name != COMPLETE):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        out[str(f.relative_to(path))] = h.hexdigest()
-    return out
+    return {str(f.relative_to(path)): file_sha256(f)
+            for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name != COMPLETE)}
 
 
 def manifest(path: Path) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from llara_fast.errors import InputNotFound, UserError
-from llara_fast.io.lock import LOCK_FILE
+from llara_fast.io.lock import LOCK_FILE, file_sha256
 
 MANIFEST = "embeddings.json"
 COMPLETE = "COMPLETE"
@@ -104,7 +104,7 @@ class EmbeddingShards:
             f = name.with_suffix(f".{ext}")
             if not f.is_file():
                 return f"{f.name} is missing"
-            if _sha256(f) != meta["sha256"][ext]:
+            if file_sha256(f) != meta["sha256"][ext]:
                 return f"{f.name} does not match its checksum (truncated or changed since it was written)"
         return None
 
@@ -126,7 +126,7 @@ class EmbeddingShards:
         os.replace(tmp, self.root / f"{name}.npy")
         _write_json(self.root / f"{name}.json", {
             "n": len(ids), "dim": int(emb.shape[1]), "dtype": str(emb.dtype),
-            "sha256": {"npy": _sha256(self.root / f"{name}.npy"), "ids": _sha256(self.root / f"{name}.ids")},
+            "sha256": {"npy": file_sha256(self.root / f"{name}.npy"), "ids": file_sha256(self.root / f"{name}.ids")},
             "counts": dict(sorted(counts.items()))})
 
     def finish(self, n_shards: int) -> dict:
@@ -204,14 +204,6 @@ def check_unit_vectors(emb: np.ndarray, where: str) -> None:
             j = int(off.argmax())
             raise UserError(f"{where}: vector {j} has norm {np.linalg.norm(x[j]):.6g}, not 1 (the format holds unit "
                             "vectors); the file was changed or damaged: rerun the encode command")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(BLOCK_BYTES), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:

@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer, Pr
 
 from llara_fast.config import PRESETS, ModelArgs
 from llara_fast.errors import InputNotFound, UserError
+from llara_fast.io.lock import remove_stale_tmp
 from llara_fast.model import Transformer, rope_inv_freq
 from llara_fast.templates import SPECIAL_TOKENS
 
@@ -254,6 +256,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     model = Transformer(args)
     model.load_state_dict(hf_to_ours(hf.state_dict(), args, str(gguf_path)))
     tok = load_tokenizer(gguf_path)
+    for p in remove_stale_tmp(out_dir, ".tmp"):
+        print(f"[llara_fast] removed {p}, left by a conversion that was killed", file=sys.stderr)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf_dir(model, tmp, tok)

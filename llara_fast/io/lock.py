@@ -1,11 +1,12 @@
-"""Exclusive locks on output directories: a run directory, an encode --out, a prepare --out, an
-export --out. The lock is an flock on DIR/.lock held for the life of the process (the kernel
+"""Outputs on disk: file checksums, and exclusive locks on output directories (a run directory,
+an encode --out, a prepare --out, an export --out). The lock is an flock on DIR/.lock held for the life of the process (the kernel
 releases it however the process ends, kill -9 included), so a second command on the same
 directory fails at once naming the holder, and --overwrite never deletes a directory in use."""
 from __future__ import annotations
 
 import fcntl
 import glob
+import hashlib
 import os
 import shutil
 import socket
@@ -15,6 +16,15 @@ from pathlib import Path
 from llara_fast.errors import UserError
 
 LOCK_FILE = ".lock"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's content, read in 4 MiB blocks (the one file hash of the project)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class DirLock:

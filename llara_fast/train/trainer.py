@@ -206,7 +206,7 @@ def resume_changes(old: dict, cfg) -> dict:
                 continue
             if isinstance(value, float) and isinstance(before[key], (int, float)) and float(before[key]) == value:
                 continue
-            if isinstance(value, str) and isinstance(before[key], str) and before[key] and Path(before[key]).exists() \
+            if name in PATH_KEYS and isinstance(before[key], str) and before[key] and Path(before[key]).exists() \
                     and Path(before[key]).resolve() == Path(value).resolve():
                 continue  # the same path, written relative by an older config.toml
             if not _mutable(name):
@@ -216,17 +216,20 @@ def resume_changes(old: dict, cfg) -> dict:
     return changes
 
 
+# The settings that name files or directories (model.name may also be a preset).
+PATH_KEYS = {"run.out_dir", "model.name", "model.tokenizer", "data.dir", "data.input", "data.train", "data.beir"}
+
+
 def absolute_paths(cfg):
-    """A copy of cfg whose path settings (strings naming an existing file or directory, and
-    run.out_dir) are absolute, so config.toml means the same from any working directory."""
+    """A copy of cfg whose path settings (PATH_KEYS; run.out_dir always, the others when they name
+    an existing file or directory) are absolute, so config.toml means the same from any directory."""
     cfg = copy.deepcopy(cfg)
-    for sec in dataclasses.fields(cfg):
-        sub = getattr(cfg, sec.name)
-        for f in dataclasses.fields(sub):
-            v = getattr(sub, f.name)
-            if isinstance(v, str) and v and (f"{sec.name}.{f.name}" == "run.out_dir" or
-                                             (v not in PRESETS and Path(v).exists())):
-                setattr(sub, f.name, str(Path(v).resolve()))
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        sub = getattr(cfg, section, None)
+        v = getattr(sub, name, None) if sub is not None else None
+        if isinstance(v, str) and v and (key == "run.out_dir" or (v not in PRESETS and Path(v).exists())):
+            setattr(sub, name, str(Path(v).resolve()))
     return cfg
 
 

@@ -77,3 +77,20 @@ def test_divergence_defaults_never_fire_on_healthy_curves(tmp_path):
         g = _guard(tmp_path)
         for step, loss in enumerate(curve, 1):
             assert g.check(step, _stats(loss, 5.0)) is False
+
+
+def test_config_paths_are_stored_absolute_and_only_paths(tmp_path, monkeypatch):
+    """config.toml stores the path settings absolute (a resume works from any directory), and only
+    those: a value such as data.format "text" stays as it is even where a file of that name exists."""
+    from llara_fast.pretrain import PretrainConfig
+    from llara_fast.train.trainer import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "in.jsonl").write_text("{}\n")
+    cfg = PretrainConfig()
+    cfg.data.format, cfg.data.input, cfg.run.out_dir = "text", "in.jsonl", "runs/x"
+    got = absolute_paths(cfg)
+    assert got.data.format == "text" and got.model.name == "smollm2-135m"
+    assert got.data.input == str(tmp_path / "in.jsonl") and got.run.out_dir == str(tmp_path / "runs" / "x")
+    assert cfg.data.input == "in.jsonl"  # a copy
