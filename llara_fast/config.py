@@ -223,6 +223,39 @@ PRESETS: dict[str, ModelArgs] = {
 }
 
 
-def opt(default, help: str):
-    """A config-section field with its one-line help (``--help`` prints it beside the default)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def opt(default, help: str, choices: tuple[str, ...] | None = None):
+    """A config-section field with its one-line help (``--help`` prints it beside the default) and,
+    for an enumerated setting, its allowed values (checked when the config is read)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+# ---- dtype names: one spelling per dtype inside, both spellings accepted wherever one is named --
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def show_choices(choices) -> str:
+    """Allowed values for a message, a dtype with its short spelling: 'auto, float32 (fp32)'."""
+    return ", ".join(f"{c} ({DTYPE_SHORT[c]})" if c in DTYPE_SHORT else c for c in choices)
+
+
+def dtype_name(value, allowed=tuple(DTYPE_SHORT), what: str = "dtype") -> str:
+    """The canonical name (float32, bfloat16, float16) of a dtype spelled either way (fp32 or
+    float32, also torch.float32), when it is one of ``allowed``; else a UserError listing them."""
+    v = str(value).strip().lower().removeprefix("torch.")
+    v = {short: name for name, short in DTYPE_SHORT.items()}.get(v, v)
+    if v not in allowed:
+        raise UserError(f"{what} must be one of {show_choices(allowed)}, got {value!r}")
+    return v
+
+
+def dtype_arg(allowed=tuple(DTYPE_SHORT)):
+    """An argparse ``type=`` for a dtype option: either spelling in, the canonical name out."""
+    import argparse
+
+    def parse(s: str) -> str:
+        try:
+            return dtype_name(s, allowed)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = "dtype"
+    return parse

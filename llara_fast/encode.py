@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from llara_fast.config import dtype_arg, dtype_name
 from llara_fast.data.beir import REASONS, corpus_doc
 from llara_fast.data.packing import greedy_groups, pack_encode_reference
 from llara_fast.data.shards import tokenizer_fingerprint
@@ -73,10 +74,11 @@ class Encoder:
         self.stats: dict[str, float] = {}
 
     @classmethod
-    def from_pretrained(cls, spec: str, attn_backend: str = "auto", **kw) -> "Encoder":
-        """spec: preset, HF directory, .gguf file or training checkpoint. An HF directory written
-        by llara_fast.export brings its prompts (unless ``prompts=`` is given)."""
-        model, tok, prompts = load(spec, attn_backend=attn_backend)
+    def from_pretrained(cls, spec: str, attn_backend: str = "auto", revision: str = "main", **kw) -> "Encoder":
+        """spec: preset, HF directory, .gguf file, training checkpoint or Hub model id (at
+        ``revision``). An HF directory written by llara_fast.export brings its prompts (unless
+        ``prompts=`` is given)."""
+        model, tok, prompts = load(spec, attn_backend=attn_backend, revision=revision)
         kw.setdefault("prompts", prompts)
         return cls(model, tok, **kw)
 
@@ -199,8 +201,7 @@ def encode_corpus(enc: Encoder, job: CorpusJob, rank: int = 0, world: int = 1) -
     directory complete (all ranks must call it). Returns this rank's figures."""
     if job.shard_size < 0:
         raise UserError(f"shard size must be >= 1 (0: from the corpus and the ranks), got {job.shard_size}")
-    if job.dtype not in DTYPES:
-        raise UserError(f"unknown embedding dtype {job.dtype!r} ({', '.join(DTYPES)})")
+    job = dataclasses.replace(job, dtype=dtype_name(job.dtype, tuple(DTYPES), "embedding dtype"))  # fp16 or float16
     ident = corpus_identity(job.corpus)
     if job.shard_size == 0:  # every rank gets work whatever the corpus size: about 4 shards per rank
         job = dataclasses.replace(job, shard_size=auto_shard_size(ident["lines"], world))
@@ -284,7 +285,9 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m", help="preset, HF directory or .gguf file")
+    ap.add_argument("--model", default="smollm2-135m", help="preset, HF directory, .gguf file, training checkpoint "
+                    "or Hub model id ORG/NAME (HF cache; downloaded unless HF_HUB_OFFLINE is set)")
+    ap.add_argument("--revision", default="main", help="branch, tag or commit of a Hub model id (default main)")
     ap.add_argument("--wiki-sample", type=int, default=6, help="encode the first N Wikipedia lead paragraphs")
     ap.add_argument("--text", action="append", default=[], help="a passage to encode (repeatable)")
     ap.add_argument("--attn", default="auto")
@@ -296,11 +299,11 @@ def main(argv=None):
     ap.add_argument("--shard-size", type=int, default=CorpusJob.shard_size,
                     help="corpus lines per shard (0: about 4 shards per rank, at most 10,000 lines; a rerun "
                          "resumes with the same number of ranks or the same --shard-size)")
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="of the stored vectors")
+    ap.add_argument("--dtype", default="float32", type=dtype_arg(tuple(DTYPES)),
+                    help="of the stored vectors: float32 (fp32, default) or float16 (fp16)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it holds another run's shards")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.corpus or args.out:
         if not (args.corpus and args.out):
             ap.error("--corpus and --out go together")
@@ -316,7 +319,8 @@ def main(argv=None):
             texts.append(text)
     t0 = time.perf_counter()
     try:
-        enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, max_len=args.max_len, device=args.device)
+        enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, revision=args.revision, max_len=args.max_len,
+                                      device=args.device)
     except UserError as e:
         print(f"encode: error: {e}", file=sys.stderr)
         return 2
@@ -342,7 +346,8 @@ def corpus_main(args) -> int:
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
-        enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, max_len=args.max_len, device=device)
+        enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, revision=args.revision, max_len=args.max_len,
+                                      device=device)
         job = CorpusJob(args.corpus, args.out, args.shard_size, args.dtype, args.overwrite, not args.quiet)
         r = encode_corpus(enc, job, rank, world)
     finally:

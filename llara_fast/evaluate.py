@@ -292,7 +292,7 @@ def run_evaluation(args) -> dict:
     data = data.subset(args.max_docs, args.seed)
     name = Path(args.beir).name
     t0 = time.perf_counter()
-    enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, max_len=args.max_len,
+    enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, revision=args.revision, max_len=args.max_len,
                                   token_budget=args.token_budget, device=args.device)
     t_load = time.perf_counter() - t0
     doc_ids, doc_emb, p_stats, counts = corpus_side(args, enc, data)
@@ -426,7 +426,9 @@ def format_report(r: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="preset, HF directory (e.g. an export), .gguf file")
+    ap.add_argument("--model", required=True, help="preset, HF directory (e.g. an export), .gguf file, training "
+                    "checkpoint or Hub model id ORG/NAME (HF cache; downloaded unless HF_HUB_OFFLINE is set)")
+    ap.add_argument("--revision", default="main", help="branch, tag or commit of a Hub model id (default main)")
     ap.add_argument("--beir", required=True, help="BEIR dataset directory")
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", help="also write the JSON result to this file")
@@ -458,7 +460,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.k < 1:
         ap.error("--k must be at least 1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if args.out:  # an --out we cannot write is found before the evaluation, not after it
             check_writable(Path(args.out))

@@ -22,7 +22,8 @@ from llara_fast.data.pairs import FinetuneDataConfig
 from llara_fast.data.shards import tokenizer_fingerprint
 from llara_fast.errors import ConfigError
 from llara_fast.io.export import export_trained
-from llara_fast.io.load import load
+from llara_fast.io.hf import is_hub_id
+from llara_fast.io.load import load, pin_revision
 from llara_fast.lora import LoraConfig, apply_lora
 from llara_fast.objectives.contrastive import ContrastiveConfig, ContrastiveModule, ContrastiveObjective
 from llara_fast.templates import Template
@@ -66,8 +67,9 @@ def run(cfg: FinetuneConfig) -> dict:
     d, m = cfg.data, cfg.model
     trainer.claim()
     torch.manual_seed(cfg.run.seed)
+    m.revision = pin_revision(m.name, m.revision)  # config.toml records the Hub commit: a resume loads the same
     model, tokenizer, prompts = load(m.name, m.attn, tokenizer=m.tokenizer or None, random_init=m.random_init,
-                                     layers=m.layers, seed=cfg.run.seed)
+                                     layers=m.layers, seed=cfg.run.seed, revision=m.revision)
     template = Template.from_tokenizer(tokenizer, prompts)
     loader, about = contrastive_loader(chunked(d, cfg.contrastive), tokenizer, template, trainer.rank, trainer.world)
     trainer.log(about)
@@ -83,7 +85,8 @@ def run(cfg: FinetuneConfig) -> dict:
     summary = trainer.fit(loader, lambda: next(loader), objective.describe, identity, oom)
     if cfg.run.export:
         summary["export"] = str(export_trained(trainer.module, model, tokenizer, prompts, trainer.out / "export",
-                                               dataclasses.asdict(cfg.lora), f"{m.name} + llara_fast.finetune"))
+                                               dataclasses.asdict(cfg.lora), f"{m.name} + llara_fast.finetune",
+                                               m.revision if is_hub_id(m.name) else None))
     return summary
 
 

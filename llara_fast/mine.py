@@ -58,7 +58,9 @@ def _read_embeddings(path: str, enc: Encoder, doc_ids: list[str], corpus=None) -
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--beir", required=True, help="BEIR dataset directory")
-    ap.add_argument("--model", required=True, help="preset, HF directory (e.g. an export), .gguf, training checkpoint")
+    ap.add_argument("--model", required=True, help="preset, HF directory (e.g. an export), .gguf, training checkpoint "
+                    "or Hub model id ORG/NAME")
+    ap.add_argument("--revision", default="main", help="branch, tag or commit of a Hub model id (default main)")
     ap.add_argument("--split", default="train")
     ap.add_argument("--rank-range", default=DEFAULT_RANGE, help=f"LO:HI, the ranks LO+1..HI (default {DEFAULT_RANGE})")
     ap.add_argument("--k", type=int, default=7, help="negatives per query")
@@ -70,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out", required=True, help="output JSONL (FlagEmbedding format)")
     a = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     counts: Counter = Counter()
     try:
         window = parse_rank_range(a.rank_range)
-        enc = Encoder.from_pretrained(a.model, attn_backend=a.attn, max_len=a.max_len, device=a.device)
+        enc = Encoder.from_pretrained(a.model, attn_backend=a.attn, revision=a.revision, max_len=a.max_len,
+                                      device=a.device)
         records = beir_to_pairs(a.beir, a.split, dense_ranker(enc, a.embeddings, not a.quiet, os.path.join(a.beir, "corpus.jsonl")), a.k, a.seed, counts,
                                 window)
         write_pairs(records, a.out)

@@ -19,7 +19,7 @@ import torch
 from llara_fast.config import mfu, peak_tflops_for
 from llara_fast.data.loader import PretrainDataConfig, llara_loader
 from llara_fast.data.shards import tokenizer_fingerprint
-from llara_fast.io.load import load
+from llara_fast.io.load import load, pin_revision
 from llara_fast.objectives.llara import LlaraObjective, LlaraTrainModule, LossConfig
 from llara_fast.templates import Template
 from llara_fast.train.config import ModelConfig, OptimConfig, RunConfig
@@ -46,8 +46,9 @@ def run(cfg: PretrainConfig) -> dict:
     d.token_budget = d.token_budget or (16384 if gpu else 1024)
     trainer.claim()
     torch.manual_seed(cfg.run.seed)
+    m.revision = pin_revision(m.name, m.revision)  # config.toml records the Hub commit: a resume loads the same
     model, tokenizer, _ = load(m.name, m.attn, tokenizer=m.tokenizer or None, random_init=m.random_init,
-                               layers=m.layers, seed=cfg.run.seed)
+                               layers=m.layers, seed=cfg.run.seed, revision=m.revision)
     loader = llara_loader(cfg, tokenizer, Template.from_tokenizer(tokenizer), trainer.rank, trainer.world)
     trainer.build(model, LlaraTrainModule(model, cfg.loss), LlaraObjective(model.args.vocab_size))
     peak = peak_tflops_for(torch.cuda.get_device_name(trainer.device)) if gpu else None

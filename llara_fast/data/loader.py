@@ -38,7 +38,7 @@ from llara_fast.config import opt
 from llara_fast.data.native import NativePacker, greedy_offsets, use_native
 from llara_fast.data.packing import pack_encode_reference, pack_reference
 from llara_fast.data.pairs import FinetuneDataConfig, load_records, tokenize_records
-from llara_fast.data.prepare import PrepareOptions, cached_prepare_dir, prepare
+from llara_fast.data.prepare import FORMATS, PrepareOptions, cached_prepare_dir, prepare
 from llara_fast.data.shards import MANIFEST, ExampleStream, ShardedDataset, check_resume_state
 from llara_fast.errors import ConfigError, UserError
 from llara_fast.io.hf import resolve_source
@@ -237,7 +237,7 @@ class PackedLoader:
 class PretrainDataConfig:
     """The [data] section of llara_fast.pretrain."""
     dir: str = opt("", "a prepared data directory; empty: prepare `format` on the fly")
-    format: str = opt("wiki-sample", "for on-the-fly prepare: wiki-sample, llara-jsonl, text")
+    format: str = opt("wiki-sample", "for on-the-fly prepare: wiki-sample, llara-jsonl, text", FORMATS)
     input: str = opt("", "for on-the-fly prepare of llara-jsonl / text")
     limit: int = opt(-1, "for on-the-fly prepare: first N records (0: all; -1: 2000 on CPU, all on GPU)")
     max_len: int = opt(128, "passage (TEXT) tokens per example (targets: max_len + the prompt tokens)")
@@ -281,7 +281,7 @@ def llara_loader(cfg, tokenizer, template: Template, rank: int, world: int) -> P
     if d.dir:
         data_dir = Path(d.dir)
     else:
-        src = None if m.random_init else resolve_source(m.name)
+        src = None if m.random_init else resolve_source(m.name, m.revision)
         tok_spec = m.tokenizer or (str(src) if src is not None else "smollm2-135m")
         box = [None]
         if rank == 0:  # the cache is named by the input's content; rank 0 decides, the others follow

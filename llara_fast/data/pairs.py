@@ -315,7 +315,7 @@ class FinetuneDataConfig:
     train: str = opt("", "FlagEmbedding JSONL ({\"query\", \"pos\", \"neg\"} per line)")
     beir: str = opt("", "or a BEIR directory, converted on the fly")
     split: str = opt("train", "BEIR split to train on")
-    mining: str = opt("bm25", "BEIR negatives: bm25 (hard) or random")
+    mining: str = opt("bm25", "BEIR negatives: bm25 (hard) or random", ("bm25", "random"))
     mined: int = opt(15, "BEIR negatives mined per query (data.negatives are sampled from them)")
     limit: int = opt(0, "first N records (0: all)")
     queries: int = opt(4, "queries per micro-batch and rank")
@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--negatives", "--mining", choices=("bm25", "random", "dense"), default="bm25",
                    help="top BM25 hits that are not relevant, a uniform random sample, or dense: mined by --model "
                         "itself (runs python -m llara_fast.mine); default bm25")
-    p.add_argument("--model", help="with --mining dense: the model that ranks (preset, HF dir, checkpoint)")
+    p.add_argument("--model", help="with --mining dense: the model that ranks (preset, HF dir, checkpoint, Hub id)")
+    p.add_argument("--revision", default="main", help="with --mining dense: branch, tag or commit of a Hub --model")
     p.add_argument("--embeddings", help="with --mining dense: the corpus's shards from llara_fast.encode --corpus")
     p.add_argument("--k", type=int, default=7, help="negatives per query; default 7")
     p.add_argument("--seed", type=int, default=0, help="seed of the random negatives; default 0")
@@ -399,7 +400,7 @@ def _run_dense_miner(p: argparse.ArgumentParser, a) -> int:
     if not a.model:
         p.error("--mining dense needs --model")
     cmd = [sys.executable, "-m", "llara_fast.mine", "--beir", a.beir, "--split", a.split, "--model", a.model,
-           "--k", str(a.k), "--seed", str(a.seed), "--out", a.out]
+           "--revision", a.revision, "--k", str(a.k), "--seed", str(a.seed), "--out", a.out]
     cmd += ["--rank-range", a.rank_range] if a.rank_range else []
     cmd += ["--embeddings", a.embeddings] if a.embeddings else []
     return subprocess.call(cmd)

@@ -60,7 +60,6 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from llara_fast.config import PRESETS
 from llara_fast.data.records import (
     BAD_REASONS,
     PrepareError,
@@ -72,8 +71,8 @@ from llara_fast.data.records import (
 )
 from llara_fast.data.shards import FORMAT_VERSION, ShardWriter, token_dtype_for, tokenizer_fingerprint, write_manifest
 from llara_fast.data.text import doc_chunks, remove_control_chars, remove_stopwords
-from llara_fast.errors import UserError
-from llara_fast.io.hf import add_special_tokens, load_tokenizer, resolve_source
+from llara_fast.errors import InputNotFound, UserError
+from llara_fast.io.hf import add_special_tokens, hub_commit, load_tokenizer, tokenizer_source
 from llara_fast.io.lock import DirLock, file_sha256, locked_by, remove_stale_tmp
 from llara_fast.templates import Lengths, PromptConfig, Template
 
@@ -91,17 +90,14 @@ def _load_tokenizer(path: str):
     return tok
 
 
-def resolve_tokenizer(spec: str | os.PathLike) -> str:
+def resolve_tokenizer(spec: str | os.PathLike, revision: str = "main") -> str:
     """A tokenizer path for a preset name (its weights' tokenizer; presets without weights use
-    SmolLM2's, as llara_fast.io.load does), an HF dir, a .gguf or a SentencePiece .model."""
-    spec = str(spec)
-    if spec in PRESETS:
-        return str(resolve_source(spec) or resolve_source("smollm2-135m"))
-    p = Path(spec)
-    if p.exists():
-        return str(p)
-    raise PrepareError(f"--tokenizer {spec}: neither a preset ({', '.join(PRESETS)}) nor an existing "
-                       "HF directory, .gguf or SentencePiece .model file")
+    SmolLM2's, as llara_fast.io.load does), an HF dir, a .gguf, a SentencePiece .model or a Hub
+    model id (its snapshot at ``revision``)."""
+    try:
+        return str(tokenizer_source(spec, revision))
+    except InputNotFound as e:
+        raise PrepareError(f"--tokenizer {e}") from None
 
 
 @dataclass(frozen=True)
@@ -116,6 +112,7 @@ class PrepareOptions:
     batch_records: int = 256
     shard_examples: int = 100_000
     limit: int | None = None           # read at most this many records (None or 0: all)
+    revision: str = "main"             # branch, tag or commit of a Hub tokenizer id
     prompts: PromptConfig = PromptConfig()
     overwrite: bool = False
     progress: bool = True
@@ -328,7 +325,7 @@ def _resolve_job(input, fmt: str, tokenizer, max_len: int | None, out: Path,
         raise PrepareError(f"{input}: no such file or directory")
     if out.exists() and any(out.iterdir()) and not opts.overwrite:
         raise PrepareError(f"{out}: exists and is not empty (pass overwrite=True / --overwrite)")
-    tok_path = resolve_tokenizer(tokenizer)
+    tok_path = resolve_tokenizer(tokenizer, opts.revision)
     tpl = Template.from_tokenizer(_load_tokenizer(tok_path), opts.prompts)
     try:
         lengths = Lengths.resolve(tpl, opts.cutoff_len, max_len, opts.target_max_len)
@@ -416,8 +413,8 @@ def _prepare(input, fmt: str, tokenizer, max_len: int | None, out: Path, opts: P
         summary.update(documents=counters["documents"], no_next_chunk=counters["no_next_chunk"])
     write_manifest(tmp, {
         "format_version": FORMAT_VERSION,
-        "tokenizer": {"spec": str(tokenizer), "path": job.tok_path, "class": type(tok).__name__,
-                      "vocab_size": len(tok), "fingerprint": tokenizer_fingerprint(tok)},
+        "tokenizer": {"spec": str(tokenizer), "path": job.tok_path, "hub_commit": hub_commit(job.tok_path),
+                      "class": type(tok).__name__, "vocab_size": len(tok), "fingerprint": tokenizer_fingerprint(tok)},
         "prompts": asdict(job.prompts),
         "template": {"prefix_ids": list(tpl.prefix_ids), "sum_ids": list(tpl.sum_ids), "pred_ids": list(tpl.pred_ids)},
         "max_len": lengths.text, "target_max_len": lengths.target, "cutoff_len": lengths.cutoff,
@@ -482,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llara_fast.data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", help="file or directory (optional for wiki-sample)")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--tokenizer", required=True, help="preset (e.g. smollm2-135m), HF dir, .gguf or SentencePiece .model")
+    p.add_argument("--tokenizer", required=True, help="preset (e.g. smollm2-135m), HF dir, .gguf, SentencePiece .model "
+                   "or Hub model id ORG/NAME (from the HF cache; downloaded unless HF_HUB_OFFLINE is set)")
+    p.add_argument("--revision", default="main", help="branch, tag or commit of a Hub --tokenizer (default main)")
     p.add_argument("--cutoff-len", type=int, help="the released code's cutoff_len: tokens of the whole sequence; "
                    "TEXT gets cutoff-len minus the prompt tokens, targets are cut at cutoff-len")
     p.add_argument("--max-len", type=int, help="or: passage (TEXT) tokens kept per example; targets are then cut "
@@ -508,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = prepare(a.input, a.format, a.tokenizer, a.max_len, a.out, PrepareOptions(
             cutoff_len=a.cutoff_len, target_max_len=a.target_max_len, remove_stopwords=a.remove_stopwords,
             chunk_tokens=a.chunk_tokens, max_bad_fraction=a.max_bad_fraction, workers=a.workers,
-            shard_examples=a.shard_examples, limit=a.limit, overwrite=a.overwrite, progress=not a.no_progress))
+            shard_examples=a.shard_examples, limit=a.limit, revision=a.revision, overwrite=a.overwrite,
+            progress=not a.no_progress))
     except UserError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2

@@ -36,16 +36,16 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import GenerationConfig
 
+from llara_fast.config import dtype_arg
 from llara_fast.data.shards import tokenizer_fingerprint
 from llara_fast.errors import UserError
 from llara_fast.io.checkpoint import is_training_checkpoint, materialise, meta_model
-from llara_fast.io.hf import resolve_source, save_hf_dir
-from llara_fast.io.load import META_FILE, load
+from llara_fast.io.hf import hub_commit, resolve_source, save_hf_dir
+from llara_fast.io.load import META_FILE, load, pin_revision, run_checkpoint
 from llara_fast.io.lock import DirLock, locked_by, remove_stale_tmp
 from llara_fast.templates import SPECIAL_TOKENS, PromptConfig, Template
 
 ST_MODULE_FILE = Path(__file__).with_name("st_module.py")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 # ---- the export ------------------------------------------------------------------------------
@@ -67,6 +67,7 @@ class ExportOptions:
     dtype: torch.dtype = torch.float32
     max_shard_bytes: int = 5 * 10**9
     source: str | None = None                     # what the model came from, for the card and llara_fast.json
+    source_revision: str | None = None            # the Hub commit of a source that is a Hub model id
     source_dir: str | os.PathLike | None = None   # an HF directory whose generation_config.json is kept
     overwrite: bool = False
     max_len: int = 512                            # the text cap of the encode recipe (ST max_seq_length)
@@ -134,14 +135,16 @@ def _export(model, tokenizer, out: Path, prompts: PromptConfig, opts: ExportOpti
         if val is not None and getattr(gen, name, None) is None:
             setattr(gen, name, val)
     gen.save_pretrained(str(tmp))
-    meta = {"prompts": dataclasses.asdict(prompts), "source": source, "dtype": str(dtype).replace("torch.", ""),
+    meta = {"prompts": dataclasses.asdict(prompts), "source": source, "source_revision": opts.source_revision,
+            "dtype": str(dtype).replace("torch.", ""),
             "prefix_ids": list(template.prefix_ids), "sum_ids": list(template.sum_ids),
             "pred_ids": list(template.pred_ids), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "special_ids": tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)}
     with open(tmp / META_FILE, "w") as f:
         json.dump(meta, f, indent=2)
     write_sentence_transformers(tmp, template, prompts, opts.max_len)
-    (tmp / "README.md").write_text(model_card(tokenizer, template, prompts, source, dtype, opts.max_len))
+    (tmp / "README.md").write_text(model_card(tokenizer, template, prompts, source, dtype, opts.max_len,
+                                              opts.source_revision))
     readable = 0o666 & ~_umask()  # as any file this user creates (safetensors writes its files 0600)
     for f in tmp.rglob("*"):
         os.chmod(f, readable | (0o111 & ~_umask() if f.is_dir() else 0))
@@ -192,7 +195,7 @@ def _version(dist_name: str) -> str | None:
 
 
 def model_card(tokenizer, template: Template, prompts: PromptConfig, source: str | None,
-               dtype: torch.dtype, max_len: int = 512) -> str:
+               dtype: torch.dtype, max_len: int = 512, source_revision: str | None = None) -> str:
     """README.md: what the model is and the encode recipe that reproduces llara_fast's embeddings."""
     K = prompts.n_special
     sum_suffix, pred_suffix = prompts.sum_string(), prompts.pred_string()
@@ -219,7 +222,8 @@ tags:
 # LLaRA encoder exported by llara_fast
 
 A LLaMA-architecture model adapted into a dense retriever with LLaRA (EBAE + EBAR,
-arXiv 2312.15503), exported by `python -m llara_fast.export`{f" from `{source}`" if source else ""}
+arXiv 2312.15503), exported by `python -m llara_fast.export`{f" from `{source}`" if source else ""}{
+  f" (Hub commit `{source_revision}`)" if source_revision else ""}
 (weights stored as {str(dtype).replace("torch.", "")}). It loads with plain `transformers`
 (`AutoModel`, `AutoModelForCausalLM`, `AutoTokenizer`), no custom code, and with
 `sentence-transformers` (below). The tokenizer holds the
@@ -302,14 +306,17 @@ q = enc.encode_queries(["What is a llama?"])
 """
 
 
-def export_trained(module, model, tokenizer, prompts: PromptConfig, out_dir: Path, lora: dict, source: str) -> Path:
+def export_trained(module, model, tokenizer, prompts: PromptConfig, out_dir: Path, lora: dict, source: str,
+                   source_revision: str | None = None) -> Path:
     """An HF directory of a trained (FSDP) train module's weights, LoRA merged: gathered from
-    every rank, written by rank 0 (``lora``: the run's [lora] section)."""
+    every rank, written by rank 0 (``lora``: the run's [lora] section; ``source_revision``: the Hub
+    commit of the model the run started from)."""
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         plain = meta_model(dataclasses.replace(model.args), lora)
         materialise(plain, {k: v.float() for k, v in full.items()})
-        export(plain, tokenizer, out_dir, prompts, ExportOptions(source=source, overwrite=True))
+        export(plain, tokenizer, out_dir, prompts, ExportOptions(source=source, source_revision=source_revision,
+                                                                 overwrite=True))
     dist.barrier()
     return Path(out_dir)
 
@@ -318,9 +325,13 @@ def export_trained(module, model, tokenizer, prompts: PromptConfig, out_dir: Pat
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
-                    help="preset, HF directory, .gguf file, or a training checkpoint RUN/checkpoints/step_N")
+                    help="preset, HF directory, .gguf file, a training checkpoint RUN/checkpoints/step_N or a run "
+                         "directory RUN (its newest complete checkpoint), or a Hub model id ORG/NAME (HF cache; "
+                         "downloaded unless HF_HUB_OFFLINE is set)")
+    ap.add_argument("--revision", default="main", help="branch, tag or commit of a Hub model id (default main)")
     ap.add_argument("--out", required=True, help="output HF directory")
-    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="float32", type=dtype_arg(("float32", "bfloat16")),
+                    help="of the stored weights: float32 (fp32, default) or bfloat16 (bf16)")
     ap.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     ap.add_argument("--max-len", type=int, default=512,
                     help="text cap in tokens of the exported encode recipe: the sentence-transformers module's "
@@ -329,19 +340,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.max_len < 1:
         ap.error(f"--max-len must be >= 1, got {args.max_len}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        model, tok, prompts = load(args.checkpoint, attn_backend="sdpa")
-        src_dir = resolve_source(args.checkpoint) if not is_training_checkpoint(args.checkpoint) else None
-        out = export(model, tok, args.out, prompts, ExportOptions(DTYPES[args.dtype], parse_size(args.max_shard_size),
-                                                                  args.checkpoint, src_dir, args.overwrite,
-                                                                  args.max_len))
+        source = str(run_checkpoint(args.checkpoint))  # a run directory: its newest complete checkpoint
+        revision = pin_revision(source, args.revision)
+        model, tok, prompts = load(source, attn_backend="sdpa", revision=revision)
+        src_dir = resolve_source(source, revision) if not is_training_checkpoint(source) else None
+        out = export(model, tok, args.out, prompts, ExportOptions(
+            getattr(torch, args.dtype), parse_size(args.max_shard_size), source, hub_commit(src_dir), src_dir,
+            args.overwrite, args.max_len))
     except UserError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     files = sorted(p.name for p in out.iterdir())
     size = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
-    print(f"exported {args.checkpoint} -> {out} ({args.dtype}, {size / 1e6:.1f} MB of weights): {', '.join(files)}")
+    print(f"exported {source} -> {out} ({args.dtype}, {size / 1e6:.1f} MB of weights): {', '.join(files)}")
     return 0
 
 

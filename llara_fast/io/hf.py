@@ -4,11 +4,13 @@ special tokens.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -46,6 +48,7 @@ HF_KEY_MAP = {
 }
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+META_FILE = "llara_fast.json"  # written by llara_fast.io.export next to the HF files
 
 
 def _map_key(key: str, table: dict[str, str]) -> str | None:
@@ -81,7 +84,8 @@ def ours_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ---- reading and writing HF directories ------------------------------------------------------
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of an HF directory: model.safetensors, or the shards of its index."""
+    """All tensors of an HF directory: model.safetensors, or the shards of its index (else
+    pytorch_model.bin or its shards)."""
     path = Path(path)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
@@ -99,9 +103,26 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if missing:
             raise UserError(f"{index}: tensors listed but absent from the shards: {sorted(missing)[:5]}")
         return out
+    bins = _bin_shards(path)
+    if bins:  # an older repo without safetensors: PyTorch pickles, read tensors-only (weights_only)
+        out = {}
+        for fp in bins:
+            if not fp.is_file():
+                raise InputNotFound(f"{fp}: shard listed in pytorch_model.bin.index.json is missing")
+            out.update(torch.load(fp, map_location="cpu", weights_only=True, mmap=True))
+        return out
     raise InputNotFound(
         f"{path}: no model.safetensors or model.safetensors.index.json (expected an HF LLaMA checkpoint "
-        "directory with config.json and safetensors weights)")
+        "directory with config.json and safetensors weights, or pytorch_model*.bin)")
+
+
+def _bin_shards(path: Path) -> list[Path]:
+    if (path / "pytorch_model.bin").is_file():
+        return [path / "pytorch_model.bin"]
+    index = path / "pytorch_model.bin.index.json"
+    if index.is_file():
+        return [path / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return []
 
 
 def save_hf_dir(model: Transformer, out_dir: str | os.PathLike, tokenizer=None,
@@ -266,9 +287,20 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
-def resolve_source(spec: str) -> Path | None:
+ACCEPTED = ("a preset ({presets}), an HF checkpoint directory, a training checkpoint (RUN/checkpoints/step_N, or a "
+            "run directory RUN for its newest one), a .gguf file, or a Hub model id ORG/NAME")
+
+
+def accepted() -> str:
+    """What a model spec may be, for error messages."""
+    return ACCEPTED.format(presets=", ".join(PRESETS))
+
+
+def resolve_source(spec: str, revision: str = "main") -> Path | None:
     """An HF directory for a model spec: a directory as is, a GGUF file or a preset with shipped
-    weights converted once into the cache. None for a preset without weights (random init)."""
+    weights converted once into the cache, a Hub model id its snapshot in the HF cache (downloaded
+    unless HF_HUB_OFFLINE is set; ``revision``: branch, tag or commit). None for a preset without
+    weights (random init)."""
     if spec in PRESETS:
         if PRESETS[spec].weights is None:
             return None
@@ -277,9 +309,12 @@ def resolve_source(spec: str) -> Path | None:
         p = Path(spec)
         if p.is_dir():
             return p
+        if is_hub_id(spec):
+            return hub_snapshot(spec, revision)
+        if not p.exists():
+            raise InputNotFound(f"{spec}: no such file or directory; a model is {accepted()}")
         if not (p.is_file() and p.suffix == ".gguf"):
-            raise InputNotFound(f"{spec}: neither a preset ({', '.join(PRESETS)}), an HF checkpoint "
-                                    "directory, nor a .gguf file")
+            raise InputNotFound(f"{spec}: a file that is not a .gguf model; a model is {accepted()}")
         gguf = p
     st = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -288,6 +323,111 @@ def resolve_source(spec: str) -> Path | None:
         print(f"[llara_fast] converting {gguf.name} to an HF directory in {out} (once)", flush=True)
         convert_gguf(gguf, out)
     return out
+
+
+def tokenizer_source(spec: str | os.PathLike, revision: str = "main") -> Path:
+    """Where a tokenizer spec's files are: a preset's (presets without weights: SmolLM2's), an HF
+    directory, a .gguf or SentencePiece .model file, or a Hub id's snapshot (tokenizer files only)."""
+    spec = str(spec)
+    if spec in PRESETS:
+        return resolve_source(spec) or resolve_source("smollm2-135m")
+    if Path(spec).exists():
+        return Path(spec)
+    if is_hub_id(spec):
+        return hub_snapshot(spec, revision, weights=False)
+    raise InputNotFound(f"{spec}: no such file or directory; a tokenizer is a preset ({', '.join(PRESETS)}), an HF "
+                        "directory, a .gguf or SentencePiece .model file, or a Hub model id ORG/NAME")
+
+
+# ---- the Hugging Face Hub --------------------------------------------------------------------
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+HUB_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                       "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja"]
+HUB_MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", META_FILE,
+                   *HUB_TOKENIZER_FILES]
+HUB_BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # only where a repo has no safetensors
+
+
+def is_hub_id(spec: str) -> bool:
+    """ORG/NAME or NAME that is not a path on this machine (nor a preset, a .gguf or a file name)."""
+    return (spec not in PRESETS and not Path(spec).exists() and bool(_HUB_ID.fullmatch(spec))
+            and ".." not in spec and "--" not in spec and not spec.endswith((".gguf", ".model", ".json"))
+            and len(spec) <= 96)
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_cache() -> Path:
+    """The HF hub cache as the environment names it now: HF_HUB_CACHE, else HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub (~/.cache by default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_commit(path: str | os.PathLike | None) -> str | None:
+    """The commit sha of an HF cache snapshot directory (.../models--ORG--NAME/snapshots/SHA), else None."""
+    p = Path(path) if path is not None else None
+    if p is None or p.parent.name != "snapshots" or not p.parent.parent.name.startswith("models--"):
+        return None
+    return p.name
+
+
+def _preset_hint(spec: str) -> str:
+    close = difflib.get_close_matches(spec, list(PRESETS), n=1)
+    return f" (did you mean the preset {close[0]}?)" if close and "/" not in spec else ""
+
+
+def hub_snapshot(repo_id: str, revision: str = "main", weights: bool = True) -> Path:
+    """The HF-cache snapshot directory of a Hub model at ``revision`` with the files the loader
+    reads (``weights=False``: config and tokenizer files only); downloaded unless HF_HUB_OFFLINE is
+    set. Each failure is one UserError naming the id, the revision and what to do."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    cache, offline = hub_cache(), hub_offline()
+    at = f"{repo_id} (revision {revision})"
+
+    def fetch(patterns):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache,
+                                      local_files_only=offline))
+
+    try:
+        snap = fetch(HUB_MODEL_FILES if weights else ["config.json", *HUB_TOKENIZER_FILES])
+        if weights and not any(snap.glob("*.safetensors")):
+            snap = fetch(HUB_MODEL_FILES + HUB_BIN_FILES)
+    except GatedRepoError:
+        raise UserError(f"{at}: a gated Hub model; accept its terms on huggingface.co and log in "
+                        "(`hf auth login` or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{at}: the Hub model has no revision {revision!r}; give an existing branch, tag or "
+                        "commit") from None
+    except RepositoryNotFoundError:
+        raise InputNotFound(f"{repo_id}: not a local path, and no Hub model of that id (or a private one: log in "
+                            f"with `hf auth login`){_preset_hint(repo_id)}; a model is {accepted()}") from None
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as e:
+        if not offline:
+            raise UserError(f"{at}: could not be downloaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); check the network") from None
+        have = sorted(p.name for p in (cache / f"models--{repo_id.replace('/', '--')}" / "refs").glob("*"))
+        what = f"is in the HF cache at {cache} but not at revision {revision!r} (cached: {', '.join(have)})" if have \
+            else f"is not in the HF cache at {cache}"
+        raise InputNotFound(f"{repo_id}: not a local path, and as a Hub model id it {what}; HF_HUB_OFFLINE is set: "
+                            f"unset it to download, or run `hf download {repo_id}` where there is a network"
+                            f"{_preset_hint(repo_id)}") from None
+    if weights and not (snap / "config.json").is_file():
+        raise UserError(f"{at}: the Hub snapshot {snap} has no config.json; not a transformers model")
+    return snap
 
 
 def load_hf_model(path: str | os.PathLike, attn_backend: str = "auto") -> Transformer:

@@ -32,11 +32,11 @@ TASKS = ("ebae,ebar", "ebae", "ebar")
 class LossConfig:
     w_lm: float = opt(1.0, "weight of the LM loss (0: the paper's objective without it)")
     w_bow: float = opt(0.1, "weight of (EBAE + EBAR) / 2 (the released code divides each by 10)")
-    pooling: str = opt("max", "pooling of the K special rows: max (the released code) or mean")
-    impl: str = opt("auto", "auto (Triton on GPU, chunked PyTorch on CPU), triton, torch, reference")
+    pooling: str = opt("max", "pooling of the K special rows: max (the released code) or mean", ("max", "mean"))
+    impl: str = opt("auto", "auto (Triton on GPU, chunked PyTorch on CPU), triton, torch, reference", IMPLS)
     lm_chunk_rows: int = opt(0, "rows per chunk of the fused LM loss (0: the fewest chunks its memory budget allows)")
     tasks: str = opt("ebae,ebar", "bag-of-words tasks trained: ebae,ebar (the recipe), or ebae / ebar alone "
-                     "(an ablation: w_bow times that task's loss; the other is still logged)")
+                     "(an ablation: w_bow times that task's loss; the other is still logged)", TASKS)
 
     def __post_init__(self):
         if self.lm_chunk_rows < 0:

@@ -12,24 +12,27 @@ from pathlib import Path
 
 import tomllib
 
-from llara_fast.config import opt
-from llara_fast.errors import ConfigError
+from llara_fast.config import dtype_name, opt, show_choices
+from llara_fast.errors import ConfigError, UserError
 
 
 @dataclass
 class ModelConfig:
-    name: str = opt("smollm2-135m", "preset (see config.PRESETS), HF LLaMA directory, .gguf file or training "
-                    "checkpoint")
-    tokenizer: str = opt("", "tokenizer dir/file (e.g. a SentencePiece tokenizer.model); default: the model's "
-                         "own, or SmolLM2's for presets without weights")
+    name: str = opt("smollm2-135m", "preset (see config.PRESETS), HF LLaMA directory, .gguf file, training "
+                    "checkpoint (RUN/checkpoints/step_N or RUN) or Hub model id ORG/NAME (HF cache; downloaded "
+                    "unless HF_HUB_OFFLINE is set)")
+    revision: str = opt("main", "branch, tag or commit of a Hub model id; the run records the commit it resolved, "
+                        "so a resume uses the same snapshot")
+    tokenizer: str = opt("", "tokenizer dir/file (e.g. a SentencePiece tokenizer.model) or Hub model id; default: "
+                         "the model's own, or SmolLM2's for presets without weights")
     layers: int = opt(0, "keep only the first L blocks (0: all), for quick runs and benchmarks")
     random_init: bool = opt(False, "a preset's shape with random weights even if it ships weights (speed runs "
                             "without the weights package; pair with `tokenizer`)")
     attn: str = opt("auto", "attention backend: auto, sdpa, torch_varlen, flash_attn, flex, triton (the last two "
-                    "opt-in)")
-    ac: str = opt("none", "activation checkpointing: none, selective, full")
+                    "opt-in)", ("auto", "sdpa", "torch_varlen", "flash_attn", "flex", "triton"))
+    ac: str = opt("none", "activation checkpointing: none, selective, full", ("none", "selective", "full"))
     compile: str = opt("auto", "torch.compile each block, shapes dynamic (no recompile per batch): auto = on with "
-                       "CUDA, off on CPU; true; false")
+                       "CUDA, off on CPU; true; false", ("auto", "true", "false"))
     reshard: bool = opt(True, "FSDP2: free each block's gathered (compute-dtype) parameters after its forward and "
                               "gather again in backward; false keeps them from forward to backward (a lever for one "
                               "GPU: no second gather and cast per block, at the memory of one compute-dtype copy)")
@@ -42,7 +45,7 @@ class OptimConfig:
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     warmup_steps: int = opt(2, "linear warmup steps")
-    decay: str = opt("cosine", "after warmup: cosine, linear or constant")
+    decay: str = opt("cosine", "after warmup: cosine, linear or constant", ("cosine", "linear", "constant"))
     min_lr_ratio: float = opt(0.1, "final learning rate / peak (cosine, linear)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
 
@@ -56,8 +59,9 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "keep the N newest checkpoints (0: all)")
     resume: bool = opt(False, "continue from the newest checkpoint of out_dir that verifies")
     overwrite: bool = opt(False, "start afresh in an out_dir that holds another run (its files are deleted)")
-    device: str = opt("auto", "auto, cpu or cuda")
-    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    device: str = opt("auto", "auto, cpu or cuda", ("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32 (fp32), bfloat16 (bf16)",
+                     ("auto", "float32", "bfloat16"))
     max_nonfinite: int = opt(3, "stop after this many consecutive non-finite steps")
     diverge_loss: float = opt(100.0, "divergence: a step whose loss exceeds this multiple of the median of the "
                               "previous 20 steps (a median below 1 counts as 1) stops the run (0: off)")
@@ -113,7 +117,31 @@ def _apply(cfg, section: str, key: str, value, where: str):
         raise ConfigError(f"{where}: unknown key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?" if hint
                                                                       else f"; keys: {', '.join(fields)}"))
     typ = {"str": str, "int": int, "float": float, "bool": bool}[str(fields[key].type)]
-    setattr(sub, key, _coerce(value, typ, f"{where}: {section}.{key}"))
+    value = _coerce(value, typ, f"{where}: {section}.{key}")
+    choices = fields[key].metadata.get("choices")
+    if choices:
+        value = _choose(value, choices, f"{where}: {section}.{key}")
+    setattr(sub, key, value)
+
+
+_BOOLISH = {**dict.fromkeys(("1", "true", "yes", "on"), "true"), **dict.fromkeys(("0", "false", "no", "off"), "false")}
+
+
+def _choose(value: str, choices: tuple[str, ...], where: str) -> str:
+    """An enumerated setting's value, spelled canonically (a dtype's short name, a yes/no for
+    true/false), or a ConfigError listing the allowed values, before any work is done."""
+    v = str(value).strip()
+    if v.lower() in _BOOLISH and "true" in choices:
+        v = _BOOLISH[v.lower()]
+    try:
+        v = dtype_name(v, choices)
+    except UserError:
+        pass
+    if v in choices:
+        return v
+    hint = difflib.get_close_matches(v, choices, n=1)
+    raise ConfigError(f"{where} must be one of {show_choices(choices)}, got {value!r}"
+                      + (f" (did you mean {hint[0]}?)" if hint else ""))
 
 
 def _read_toml(path: str) -> dict:

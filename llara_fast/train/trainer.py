@@ -74,6 +74,9 @@ def init_distributed(device_type: str) -> tuple[int, int]:
 
 def init_run(run) -> tuple[int, int, torch.device, torch.dtype]:
     """Process group, device and parameter dtype from a RunConfig: (rank, world, device, dtype)."""
+    if run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device is cuda, but this machine has no usable CUDA device (torch.cuda.is_available() "
+                          "is false); use --run.device auto or cpu")
     dev_type = run.device if run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = dev_type == "cuda"
     auto = torch.bfloat16 if on_gpu else torch.float32
@@ -483,7 +486,6 @@ def cli(argv: list[str] | None, config_cls, run_fn: Callable, prog: str, doc: st
     """The command-line shell of a training job: --help prints the doc and the defaults with each
     key's help; a config error exits 2, any other UserError 1, each as one line; everything else
     raises with its traceback. The process group is always torn down."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["-h"], ["--help"]):

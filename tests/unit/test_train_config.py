@@ -39,10 +39,11 @@ def test_fast_path_and_compile_setting(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("[model]\ncompile = true\n")  # a TOML boolean, as older RUN/config.toml files hold
     assert load_config(["--config", str(f)], PretrainConfig).model.compile == "true"
-    with pytest.raises(ConfigError, match="model.compile must be auto, true or false"):
-        fast_path(load_config(["--model.compile", "fast"], PretrainConfig), torch.device("cpu"), torch.float32)
-    with pytest.raises(ConfigError, match="model.attn: unknown attention backend"):
-        fast_path(load_config(["--model.attn", "xformers"], PretrainConfig), torch.device("cpu"), torch.float32)
+    assert load_config(["--model.compile", "yes"], PretrainConfig).model.compile == "true"
+    with pytest.raises(ConfigError, match="model.compile must be one of auto, true, false, got 'fast'"):
+        load_config(["--model.compile", "fast"], PretrainConfig)
+    with pytest.raises(ConfigError, match="model.attn must be one of auto, sdpa, .*got 'xformers'"):
+        load_config(["--model.attn", "xformers"], PretrainConfig)
 
 
 def test_overrides_toml_and_errors(tmp_path):
