@@ -209,3 +209,59 @@ def write_wiki_beir(root: Path, n_docs: int, n_queries: int, split: str = "test"
     (root / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" +
                                                  "".join(f"q{q}\td{d}\t1\n" for q, d in rels))
     return root
+
+
+HUB_ID = "llara-test/tiny-llama"  # the Hub id of the tiny_hub fixture's model
+
+
+def hub_snapshot_dir(hf_home: Path, repo_id: str, files: Path, sha: str, link: bool = False) -> Path:
+    """The HF cache layout of one model snapshot, as huggingface_hub leaves it after a download:
+    HF_HOME/hub/models--ORG--NAME/snapshots/SHA/<files> and refs/main holding SHA (``link``:
+    symlinks to ``files`` instead of copies, for big weights)."""
+    import shutil
+
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / sha
+    snap.mkdir(parents=True)
+    for f in files.iterdir():
+        (snap / f.name).symlink_to(f.resolve()) if link else shutil.copy(f, snap / f.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(sha)
+    return snap
+
+
+@pytest.fixture(scope="session")
+def tiny_hub(tmp_path_factory):
+    """(HF_HOME, snapshot dir, commit sha) of a Hub cache holding HUB_ID: the debug preset's shape,
+    random weights, and SmolLM2's tokenizer as a Hub repo ships it (without <s1>..<s16>)."""
+    import dataclasses
+    import hashlib
+
+    from llara_fast.config import PRESETS
+    from llara_fast.io.hf import load_tokenizer, resolve_source, save_hf_dir
+    from llara_fast.model import Transformer
+
+    root = tmp_path_factory.mktemp("hub")
+    model = Transformer(dataclasses.replace(PRESETS["debug"]))
+    model.init_weights(seed=0)
+    save_hf_dir(model, root / "files", load_tokenizer(resolve_source("smollm2-135m")))
+    sha = hashlib.sha1(b"tiny-llama").hexdigest()
+    return root / "hf_home", hub_snapshot_dir(root / "hf_home", HUB_ID, root / "files", sha), sha
+
+
+@pytest.fixture
+def offline_hub(tiny_hub, monkeypatch):
+    """tiny_hub as this process's HF cache (HF_HOME), offline."""
+    monkeypatch.setenv("HF_HOME", str(tiny_hub[0]))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tiny_hub
+
+
+@pytest.fixture
+def in_process_group(monkeypatch):
+    """The environment a one-process training run (pretrain/finetune main(argv) in this process)
+    sets up for its process group, restored afterwards."""
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)

@@ -45,14 +45,18 @@ class DirLock:
         except BlockingIOError:
             holder = self.path.read_text().strip() or "another process"
             os.close(self.fd)
+            self.fd = -1
             raise UserError(f"{out}: in use by {holder}; one {what} holds one job at a time") from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode())
 
     def release(self) -> None:
-        if self.fd >= 0:
+        if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def __del__(self):  # its holder is gone (a job run in-process, as the tests do): the directory is free
+        self.release()
 
 
 def sibling_lock(out: Path) -> Path:

@@ -1,0 +1,100 @@
+"""Errors that were tracebacks or misled (issue 27.9): each is one line naming what is wrong and
+what to do, found before any model is loaded where it is a setting."""
+import pytest
+import torch
+
+from llara_fast.config import dtype_name
+from llara_fast.errors import ConfigError, InputNotFound, UserError
+from llara_fast.finetune import FinetuneConfig
+from llara_fast.io.load import load
+from llara_fast.pretrain import PretrainConfig
+from llara_fast.pretrain import main as pretrain_main
+from llara_fast.train.config import load_config
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_run_device_cuda_without_cuda(tmp_path, in_process_group, capsys):
+    assert pretrain_main(["--run.device", "cuda", "--model.name", "debug", "--run.out_dir", str(tmp_path)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "run.device is cuda, but this machine has no usable CUDA device" in line
+    assert "--run.device auto or cpu" in line
+
+
+@pytest.mark.parametrize("cls,key,bad,allowed", [
+    (PretrainConfig, "model.ac", "ful", "none, selective, full, got 'ful' (did you mean full?)"),
+    (PretrainConfig, "model.attn", "flash", "auto, sdpa, torch_varlen, flash_attn, flex, triton"),
+    (PretrainConfig, "optim.decay", "cosin", "cosine, linear, constant"),
+    (PretrainConfig, "run.device", "gpu", "auto, cpu, cuda"),
+    (PretrainConfig, "run.dtype", "fp16", "auto, float32 (fp32), bfloat16 (bf16)"),
+    (PretrainConfig, "loss.impl", "cuda", "auto, triton, torch, reference"),
+    (PretrainConfig, "loss.pooling", "avg", "max, mean"),
+    (PretrainConfig, "loss.tasks", "lm", "ebae,ebar, ebae, ebar"),
+    (PretrainConfig, "data.format", "jsonl", "llara-jsonl, text, wiki-sample"),
+    (FinetuneConfig, "data.mining", "dense", "bm25, random"),
+])
+def test_enumerated_settings_are_checked_when_the_config_is_read(tmp_path, cls, key, bad, allowed):
+    with pytest.raises(ConfigError, match="must be one of") as e:
+        load_config([f"--{key}", bad], cls)
+    assert f"command line: {key} must be one of {allowed}" in str(e.value)
+    f = tmp_path / "c.toml"
+    section, name = key.split(".")
+    f.write_text(f'[{section}]\n{name} = "{bad}"\n')
+    with pytest.raises(ConfigError, match=f"{f}: {key} must be one of"):
+        load_config(["--config", str(f)], cls)
+
+
+def test_a_bad_setting_stops_the_run_before_the_model_loads(tmp_path, capsys):
+    assert pretrain_main(["--model.ac", "ful", "--run.out_dir", str(tmp_path / "run")]) == 2
+    assert "model.ac must be one of none, selective, full" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_dtype_spellings_are_one_normaliser():
+    assert load_config(["--run.dtype", "bf16"], PretrainConfig).run.dtype == "bfloat16"
+    assert load_config(["--run.dtype", "FP32"], PretrainConfig).run.dtype == "float32"
+    assert load_config(["--run.dtype", "bfloat16"], PretrainConfig).run.dtype == "bfloat16"
+    assert [dtype_name(s) for s in ("fp16", "float16", "torch.bfloat16", "bf16", "fp32")] == [
+        "float16", "float16", "bfloat16", "bfloat16", "float32"]
+    with pytest.raises(UserError, match=r"must be one of float32 \(fp32\), bfloat16 \(bf16\), got 'fp16'"):
+        dtype_name("fp16", ("float32", "bfloat16"))
+
+
+def test_export_and_encode_take_both_dtype_spellings(tmp_path, capsys):
+    from llara_fast.encode import CorpusJob, encode_corpus
+    from llara_fast.io.export import main as export_main
+
+    assert export_main(["--checkpoint", "debug", "--out", str(tmp_path / "a"), "--dtype", "bfloat16"]) == 0
+    assert "(bfloat16, " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        export_main(["--checkpoint", "debug", "--out", str(tmp_path / "b"), "--dtype", "fp8"])
+    assert "must be one of float32 (fp32), bfloat16 (bf16), got 'fp8'" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"embedding dtype must be one of float16 \(fp16\), float32 \(fp32\)"):
+        encode_corpus(None, CorpusJob("c.jsonl", str(tmp_path / "e"), dtype="int8"))
+
+
+def test_a_model_path_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(InputNotFound) as e:
+        load(str(tmp_path / "runs" / "nope" / "checkpoints" / "step_0000012"))
+    msg = str(e.value)
+    assert "no such file or directory" in msg and "neither" not in msg
+    assert "a training checkpoint (RUN/checkpoints/step_N, or a run directory RUN" in msg and "Hub model id" in msg
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputNotFound, match="a file that is not a .gguf model"):
+        load(str(tmp_path / "notes.txt"))
+
+
+def test_a_run_directory_without_a_complete_checkpoint(tmp_path, capsys):
+    from llara_fast.io.export import main as export_main
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000002.tmp").mkdir(parents=True)
+    (run / "config.toml").write_text("[model]\n")
+    assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "o")]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"{run}: a training run without a complete checkpoint" in line and "config.json" not in line
