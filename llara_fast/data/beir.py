@@ -51,14 +51,19 @@ class BeirData:
 
 
 REASONS = {
-    "corpus_bad_line": "corpus.jsonl lines that are not a JSON object with an _id (skipped)",
+    "corpus_invalid_json": "corpus.jsonl lines that are not JSON (skipped)",
+    "corpus_bad_type:record:object": "corpus.jsonl lines that are JSON but not an object (skipped)",
+    "corpus_missing_field:_id": "corpus.jsonl records without an _id (skipped)",
     "corpus_duplicate_id": "corpus.jsonl duplicate _id (first kept)",
     "corpus_no_text": "documents without title and text (left out of the index)",
     "corpus_title_only": "documents with a title but no text (encoded as the title)",
-    "queries_bad_line": "queries.jsonl lines that are not a JSON object with an _id (skipped)",
+    "queries_invalid_json": "queries.jsonl lines that are not JSON (skipped)",
+    "queries_bad_type:record:object": "queries.jsonl lines that are JSON but not an object (skipped)",
+    "queries_missing_field:_id": "queries.jsonl records without an _id (skipped)",
     "queries_duplicate_id": "queries.jsonl duplicate _id (first kept)",
     "queries_empty_text": "queries with empty text (skipped)",
-    "qrels_bad_line": "qrels lines without query, document and integer score, e.g. 0.5 or inf (skipped)",
+    "qrels_bad_columns:query-id,corpus-id,score": "qrels lines without the three columns (skipped)",
+    "qrels_bad_type:score:int": "qrels lines whose score is not an integer, e.g. 0.5 or inf (skipped)",
     "qrels_duplicate": "qrels lines repeating a (query, document) pair (the first kept)",
     "qrels_header": "qrels header line",
     "qrels_unknown_query": "judged query ids absent from queries.jsonl (skipped)",
@@ -76,17 +81,30 @@ def _read_jsonl(path: Path, what: str, counts: Counter) -> Iterator[dict]:
                                 "and qrels/<split>.tsv)")
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # universal newlines: CRLF is fine
         for line in f:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                rec = None
-            if not isinstance(rec, dict) or rec.get("_id") is None:
-                counts[f"{what}_bad_line"] += 1
-                continue
-            rec["_id"] = str(rec["_id"])
-            yield rec
+            rec = _line_record(line, what, counts)
+            if rec is not None:
+                yield rec
+
+
+def _line_record(line: str, what: str, counts: Counter) -> dict | None:
+    """A corpus / queries line's record with its _id as a string, or None (blank; or bad, counted
+    by a reason that names the field and type: WHAT_invalid_json, WHAT_bad_type:record:object,
+    WHAT_missing_field:_id)."""
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        counts[f"{what}_invalid_json"] += 1
+        return None
+    if not isinstance(rec, dict):
+        counts[f"{what}_bad_type:record:object"] += 1
+        return None
+    if rec.get("_id") is None:
+        counts[f"{what}_missing_field:_id"] += 1
+        return None
+    rec["_id"] = str(rec["_id"])
+    return rec
 
 
 def _text(v) -> str:
@@ -106,17 +124,11 @@ def passage_text(rec: dict, counts: Counter) -> str | None:
 def corpus_doc(line: str, counts: Counter) -> tuple[str, str] | None:
     """(id, passage) of one corpus.jsonl line, or None when it holds none (counted by reason;
     a blank line is neither counted nor a document)."""
-    if not line.strip():
-        return None
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError:
-        rec = None
-    if not isinstance(rec, dict) or rec.get("_id") is None:
-        counts["corpus_bad_line"] += 1
+    rec = _line_record(line, "corpus", counts)
+    if rec is None:
         return None
     text = passage_text(rec, counts)
-    return None if text is None else (str(rec["_id"]), text)
+    return None if text is None else (rec["_id"], text)
 
 
 def _judgement(s: str) -> int:
@@ -142,11 +154,14 @@ def read_qrels(path: Path, counts: Counter) -> dict[str, dict[str, int]]:
                 continue
             if len(parts) == 4:  # TREC: qid iter docid rel
                 parts = [parts[0], parts[2], parts[3]]
+            if len(parts) != 3:
+                counts["qrels_bad_columns:query-id,corpus-id,score"] += 1
+                continue
+            q, d, s = (p.strip() for p in parts)
             try:
-                q, d, s = (p.strip() for p in parts)
                 score = _judgement(s)
             except ValueError:
-                counts["qrels_header" if n == 0 else "qrels_bad_line"] += 1
+                counts["qrels_header" if n == 0 else "qrels_bad_type:score:int"] += 1
                 continue
             if d in qrels.get(q, {}):
                 counts["qrels_duplicate"] += 1  # the first judgement is kept

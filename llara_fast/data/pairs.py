@@ -9,12 +9,14 @@ Format (FlagEmbedding's fine-tuning data, read unchanged): one JSON object per l
 (or null) "neg" is an empty list. Texts are kept as written, not stripped.
 
 ``read_pairs`` skips bad records and counts them by reason, one reason per record, checked
-in this order: invalid_utf8, invalid_json, not_an_object, missing_query, bad_type (query not
-a string), empty_query (blank query), missing_pos, bad_type (pos not a list of strings),
-no_positive (empty pos, or every positive blank), bad_type (neg not a list of strings).
+in this order, naming the field and the type it needs: invalid_utf8, invalid_json,
+bad_type:record:object (not a JSON object), missing_field:query, bad_type:query:str,
+empty_query (blank query), missing_field:pos, bad_type:pos:list[str], no_positive (empty pos,
+or every positive blank), bad_type:neg:list[str].
 Blank strings inside pos / neg of a kept record are dropped and counted (dropped_empty_text).
 Also counted: read (non-blank lines), kept, blank_line (not records). The first few bad
-records are reported as ``PairsWarning``s naming file:line; when bad / read exceeds
+records are reported on stderr, one line each naming file:line and the reason (plain lines, not
+Python warnings, which would show a source path); when bad / read exceeds
 ``max_bad_fraction`` a ValueError names the file, the counts and the first bad line.
 
 ``beir_to_pairs`` turns a BEIR split (read by ``llara_fast.data.beir.load_beir``: passages are
@@ -38,7 +40,6 @@ import random
 import subprocess
 import sys
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -49,6 +50,7 @@ import numpy as np
 
 from llara_fast.config import opt
 from llara_fast.data.beir import load_beir
+from llara_fast.data.records import field_problem
 from llara_fast.data.sources import iter_wiki_sample
 from llara_fast.data.text import is_utf8
 from llara_fast.errors import ConfigError, InputNotFound, UserError
@@ -62,10 +64,6 @@ WARN_FIRST = 5          # bad records reported one by one; the rest only counted
 BM25_EXTRA_HITS = 5     # hits retrieved beyond k + positives, to absorb same-text duplicates
 # A ranker: (corpus ids, corpus texts, query texts, depth) -> the top `depth` corpus indices per query.
 Ranker = Callable[[list[str], list[str], list[str], int], list[list[int]]]
-
-
-class PairsWarning(UserWarning):
-    """A bad record in a pairs file (skipped)."""
 
 
 @dataclass
@@ -86,26 +84,23 @@ def _non_blank(texts: list[str]) -> list[str]:
 
 def parse_pair(rec) -> tuple[Pair | None, str]:
     """A decoded JSON value -> (Pair, "") or (None, reason). Blank texts are dropped here."""
-    if not isinstance(rec, dict):
-        return None, "not_an_object"
-    query = rec.get("query")
-    if query is None:
-        return None, "missing_query"
-    if not isinstance(query, str):
-        return None, "bad_type"
+    problem = field_problem(rec, ("query",))
+    if problem is not None:
+        return None, problem
+    query = rec["query"]
     if not query.strip():
         return None, "empty_query"
     pos = rec.get("pos")
     if pos is None:
-        return None, "missing_pos"
+        return None, "missing_field:pos"
     if not _is_str_list(pos):
-        return None, "bad_type"
+        return None, "bad_type:pos:list[str]"
     if not _non_blank(pos):
         return None, "no_positive"
     neg = rec.get("neg")
     neg = [] if neg is None else neg
     if not _is_str_list(neg):
-        return None, "bad_type"
+        return None, "bad_type:neg:list[str]"
     if not all(is_utf8(t) for t in [query, *pos, *neg]):
         return None, "invalid_utf8"  # a lone surrogate from a JSON escape ("\ud800"): no tokenizer takes it
     return Pair(query, _non_blank(pos), _non_blank(neg)), ""
@@ -148,7 +143,7 @@ def read_pairs(path: str | os.PathLike, counts: Counter | None = None,
                 counts[reason] += 1
                 bad.append((lineno, reason))
                 if len(bad) <= WARN_FIRST:
-                    warnings.warn(f"{path}:{lineno}: {reason} (record skipped)", PairsWarning, stacklevel=2)
+                    print(f"{path}:{lineno}: {reason} (record skipped)", file=sys.stderr)
                 continue
             dropped = len(rec["pos"]) + len(rec.get("neg") or []) - len(pair.pos) - len(pair.neg)
             if dropped:
@@ -156,7 +151,7 @@ def read_pairs(path: str | os.PathLike, counts: Counter | None = None,
             counts["kept"] += 1
             pairs.append(pair)
     if len(bad) > WARN_FIRST:
-        warnings.warn(f"{path}: {len(bad) - WARN_FIRST} more bad records skipped", PairsWarning, stacklevel=2)
+        print(f"{path}: {len(bad) - WARN_FIRST} more bad records skipped", file=sys.stderr)
     _check_bad_fraction(path, counts, bad, max_bad_fraction)
     return pairs
 

@@ -29,8 +29,10 @@ the prompt tokens); ``--target-max-len`` overrides the target cap. With
 (``remove_stopwords``).
 
 Record handling: a record is a JSONL line, a .txt document, or a wiki entry. Bad records are
-skipped and counted by reason: invalid_utf8, invalid_json, missing_field (absent or not a
-string; a JSON value that is not an object), empty_text (blank passage), tokenizer_error.
+skipped and counted by reason, naming the field and the type it needs: invalid_utf8,
+invalid_json, missing_field:F (F absent or null), bad_type:F:str (F not a string),
+bad_type:record:object (a JSON value that is not an object), empty_text (blank passage),
+tokenizer_error.
 An over-long passage is NOT bad: it is truncated to the TEXT cap (as the reference does) and
 counted as ``truncated``. Blank JSONL lines are not records (counted as blank_lines). When
 bad records exceed ``max_bad_fraction`` of the records seen (checked from 1,000 records on,
@@ -61,12 +63,12 @@ import numpy as np
 from tqdm import tqdm
 
 from llara_fast.data.records import (
-    BAD_REASONS,
     PrepareError,
     Record,
     batches,
     check_bad_fraction,
     decode_record,
+    is_bad,
     iter_records,
 )
 from llara_fast.data.shards import FORMAT_VERSION, ShardWriter, token_dtype_for, tokenizer_fingerprint, write_manifest
@@ -343,7 +345,7 @@ def _write(job: Job, records: Iterator[Record], writer: ShardWriter, opts: Prepa
     try:
         for res in _results(job, batches(records, opts.batch_records, opts.limit), opts.workers or os.cpu_count() or 1):
             seen += res.records
-            nbad = sum(res.counters[r] for r in BAD_REASONS)
+            nbad = sum(n for r, n in res.counters.items() if is_bad(r))
             bad += nbad
             counters.update(res.counters)
             if res.bad and len(first_bad) < 8:
@@ -401,7 +403,7 @@ def _prepare(input, fmt: str, tokenizer, max_len: int | None, out: Path, opts: P
     lengths = job.lengths
     summary = {
         "examples": examples, "text_tokens": sum(s["text_tokens"] for s in shards), "records": seen,
-        "skipped": {r: counters[r] for r in BAD_REASONS if counters[r]},
+        "skipped": {r: n for r, n in sorted(counters.items()) if n and is_bad(r)},
         "truncated": counters["truncated"], "empty_sum_targets": counters["empty_sum_targets"],
         "empty_pred_targets": counters["empty_pred_targets"], "blank_lines": counters["blank_lines"],
         "control_chars_removed": counters["control_chars_removed"],

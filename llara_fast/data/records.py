@@ -2,8 +2,9 @@
 decoding them, and the bad-record rule.
 
 A record is a JSONL line, a .txt document (blank-line separated), or a wiki entry. Bad records
-are skipped and counted by reason (``BAD_REASONS``): invalid_utf8, invalid_json, missing_field
-(absent or not a string; a JSON value that is not an object), empty_text (blank passage),
+are skipped and counted by reason (``BAD_REASONS``, a reason names the field and the type it
+needs): invalid_utf8, invalid_json, missing_field:F (F absent or null), bad_type:F:str (F not a
+string), bad_type:record:object (a JSON value that is not an object), empty_text (blank passage),
 tokenizer_error. Blank JSONL lines are not records (counted as blank_lines). When bad records
 exceed ``max_bad_fraction`` of the records seen (checked from 1,000 records on, and at the end),
 ``check_bad_fraction`` stops the run with an error naming the file and line.
@@ -20,13 +21,31 @@ from llara_fast.data.sources import wiki_sample_path
 from llara_fast.data.text import is_utf8
 from llara_fast.errors import UserError
 
-BAD_REASONS = ("invalid_utf8", "invalid_json", "missing_field", "empty_text", "tokenizer_error")
+BAD_REASONS = ("invalid_utf8", "invalid_json", "missing_field", "bad_type", "empty_text", "tokenizer_error")
 MIN_RECORDS_FOR_EARLY_STOP = 1000
 LLARA_FIELDS = ("input", "output_summarize", "output_predict")
 
 
 class PrepareError(UserError):
     pass
+
+
+def is_bad(reason: str) -> bool:
+    """A counter key that is a bad-record reason (its kind, before any ':field:type', in BAD_REASONS)."""
+    return reason.split(":", 1)[0] in BAD_REASONS
+
+
+def field_problem(obj, names) -> str | None:
+    """The first of ``names`` that a decoded JSON record lacks (missing_field:F) or holds as
+    something other than a string (bad_type:F:str); bad_type:record:object for a non-object."""
+    if not isinstance(obj, dict):
+        return "bad_type:record:object"
+    for k in names:
+        if obj.get(k) is None:
+            return f"missing_field:{k}"
+        if not isinstance(obj[k], str):
+            return f"bad_type:{k}:str"
+    return None
 
 
 @dataclass
@@ -102,7 +121,7 @@ def decode_record(rec: Record, fmt: str):
     """-> (fields, None) or (None, reason). fields: the three strings (llara-jsonl) or (text,)."""
     if rec.kind == "wiki":
         if rec.data is None:
-            return None, "missing_field"
+            return None, "missing_field:extract"
         return (rec.data,), None
     try:
         s = rec.data.decode("utf-8")
@@ -115,8 +134,9 @@ def decode_record(rec: Record, fmt: str):
     except ValueError:
         return None, "invalid_json"
     names = LLARA_FIELDS if fmt == "llara-jsonl" else ("text",)
-    if not isinstance(obj, dict) or any(not isinstance(obj.get(k), str) for k in names):
-        return None, "missing_field"
+    problem = field_problem(obj, names)
+    if problem is not None:
+        return None, problem
     vals = tuple(obj[k] for k in names)
     if not all(is_utf8(v) for v in vals):
         return None, "invalid_utf8"

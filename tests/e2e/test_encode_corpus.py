@@ -49,7 +49,7 @@ def test_two_ranks_equal_one_and_the_in_memory_encoder(tmp_path, corpus):
     ids1, e1, c1 = EmbeddingShards(tmp_path / "one").read()
     ids2, e2, c2 = EmbeddingShards(tmp_path / "two").read()
     assert ids1 == ids2 and len(ids1) == N_DOCS - 1 and "w7" not in ids1
-    assert c1 == c2 == {"corpus_bad_line": 1}
+    assert c1 == c2 == {"corpus_invalid_json": 1}
     np.testing.assert_array_equal(e1, e2)
     enc = Encoder.from_pretrained("debug", attn_backend="sdpa", device="cpu")
     texts = [(i, f"{t} {x}".strip()) for i, (t, x) in enumerate(islice(iter_wiki_sample(), N_DOCS)) if i != 7]

@@ -111,7 +111,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     p = _run([*COMMON, "--data.train", str(data), "--run.steps", "1", "--run.out_dir", str(tmp_path / "r")])
     log = p.stdout + p.stderr
     assert "6 training queries" in log
-    for reason in ("empty_query", "missing_query", "no_positive", "invalid_json"):
+    for reason in ("empty_query", "missing_field:query", "no_positive", "invalid_json"):
         assert f"'{reason}': 1" in log, reason
     # mostly bad: a clear error naming the file and line
     data.write_text("\n".join(lines[:1] + lines[6:]) + "\n")

@@ -98,3 +98,23 @@ def test_a_run_directory_without_a_complete_checkpoint(tmp_path, capsys):
     assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "o")]) == 2
     line = one_line(capsys.readouterr().err)
     assert f"{run}: a training run without a complete checkpoint" in line and "config.json" not in line
+
+
+def test_finetune_prints_no_python_warning(tmp_path, in_process_group, recwarn, capfd):
+    """A fine-tuning run on pairs with bad records: the bad records are plain lines naming the field
+    and the type it needs, and no warnings-module line ("path.py:N: SomeWarning: ...") is printed."""
+    import json
+    import re
+
+    from llara_fast.finetune import main as finetune_main
+
+    good = [{"query": f"q{i}", "pos": [f"passage {i}"], "neg": [f"other {i}"]} for i in range(4)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join([json.dumps({"query": 3, "pos": ["p"]})] + [json.dumps(r) for r in good]) + "\n")
+    assert finetune_main(["--model.name", "debug", "--data.train", str(data), "--data.queries", "2",
+                          "--data.negatives", "1", "--data.max_bad_fraction", "0.5", "--run.steps", "1",
+                          "--run.out_dir", str(tmp_path / "run"), "--run.export", "false"]) == 0
+    err = capfd.readouterr().err
+    assert f"{data}:1: bad_type:query:str (record skipped)" in err
+    assert [str(w.message) for w in recwarn] == []
+    assert not re.search(r"\.py:\d+: \w*Warning", err), err

@@ -140,8 +140,9 @@ def test_load_beir_bad_input(tmp_path):
     assert data.query_ids == ["q1", "q2", "q3"]
     assert data.qrels["q1"] == {"d1": 2, "d3": 1} and data.qrels["q3"] == {"5": 1, "missing": 1}
     assert dict(data.counts) == {
-        "corpus_bad_line": 2, "corpus_duplicate_id": 1, "corpus_no_text": 1, "corpus_title_only": 1,
-        "queries_empty_text": 1, "queries_not_in_split": 1, "qrels_header": 1, "qrels_bad_line": 2,
+        "corpus_invalid_json": 1, "corpus_missing_field:_id": 1, "corpus_duplicate_id": 1, "corpus_no_text": 1,
+        "corpus_title_only": 1, "queries_empty_text": 1, "queries_not_in_split": 1, "qrels_header": 1,
+        "qrels_bad_columns:query-id,corpus-id,score": 1, "qrels_bad_type:score:int": 1,
         "qrels_unknown_query": 2, "qrels_unknown_doc": 1, "queries_no_relevant": 1}
     assert any("duplicate" in p for p in data.problems())
     assert load_beir(tmp_path / "ds", "train").qrels == {"q1": {"d1": 1}}
@@ -209,7 +210,7 @@ def test_qrels_scores_must_be_integers_and_duplicates_are_counted(tmp_path):
     f.write_text("q2\td1\t3\nq1\td1\t0.5\nq1\td2\tinf\nq1\td3\t1.0\nq1\td3\t2\nq1\td4\tnan\nq1\td5\t-1e999\n")
     counts = Counter()
     assert read_qrels(f, counts) == {"q1": {"d3": 1}, "q2": {"d1": 3}}  # 1.0 is the integer 1; the first d3 kept
-    assert counts == {"qrels_bad_line": 4, "qrels_duplicate": 1}
+    assert counts == {"qrels_bad_type:score:int": 4, "qrels_duplicate": 1}
 
 
 # ---- against trec_eval, approximate search, precomputed embeddings -------------------------------

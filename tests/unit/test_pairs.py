@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llara_fast.data.pairs import Pair, PairsWarning, beir_to_pairs, main, read_pairs, write_pairs
+from llara_fast.data.pairs import Pair, beir_to_pairs, main, read_pairs, write_pairs
 
 SCIFACT = Path("/work/shared/data/beir/scifact")
 
@@ -23,16 +23,16 @@ BAD_AND_GOOD = [
     "",                                                         # 2 blank
     "   \t",                                                    # 3 blank
     '{"query": "q", "pos": ["p"]',                              # 4 invalid_json
-    "[1, 2]",                                                   # 5 not_an_object
-    '{"pos": ["p"]}',                                           # 6 missing_query
-    '{"query": null, "pos": ["p"]}',                            # 7 missing_query
+    "[1, 2]",                                                   # 5 bad_type:record:object
+    '{"pos": ["p"]}',                                           # 6 missing_field:query
+    '{"query": null, "pos": ["p"]}',                            # 7 missing_field:query
     '{"query": " \\n ", "pos": ["p"]}',                         # 8 empty_query
-    '{"query": 3, "pos": ["p"]}',                               # 9 bad_type
-    '{"query": "q"}',                                           # 10 missing_pos
+    '{"query": 3, "pos": ["p"]}',                               # 9 bad_type:query:str
+    '{"query": "q"}',                                           # 10 missing_field:pos
     '{"query": "q", "pos": []}',                                # 11 no_positive
     '{"query": "q", "pos": [" ", ""]}',                         # 12 no_positive
-    '{"query": "q", "pos": "p"}',                               # 13 bad_type
-    '{"query": "q", "pos": ["p"], "neg": [1]}',                 # 14 bad_type
+    '{"query": "q", "pos": "p"}',                               # 13 bad_type:pos:list[str]
+    '{"query": "q", "pos": ["p"], "neg": [1]}',                 # 14 bad_type:neg:list[str]
     '{"query": "q2", "pos": ["p2", " "], "extra": 1}',          # 15 kept, 1 dropped, no neg
     '{"query": "q3", "pos": ["p3"], "neg": ["", "n3", "\\t"]}',  # 16 kept, 2 dropped
     b'{"query": "\xff", "pos": ["p"]}',                         # 17 invalid_utf8
@@ -41,20 +41,23 @@ BAD_AND_GOOD = [
 ]
 
 
-def test_read_pairs_counts_every_reason(tmp_path):
+def test_read_pairs_counts_every_reason(tmp_path, capsys):
     path = _write_lines(tmp_path / "mixed.jsonl", BAD_AND_GOOD)
     counts = Counter()
-    with pytest.warns(PairsWarning) as caught:
-        pairs = read_pairs(path, counts)
+    pairs = read_pairs(path, counts)
     assert pairs == [Pair("q1", ["p1"], ["n1"]), Pair("q2", ["p2"], []), Pair("q3", ["p3"], ["n3"]),
                      Pair("q4", ["p4"], [])]
-    assert counts == Counter(read=17, kept=4, blank_line=2, invalid_json=1, not_an_object=1, missing_query=2,
-                             empty_query=1, bad_type=3, missing_pos=1, no_positive=2, invalid_utf8=2,
-                             dropped_empty_text=3)
-    messages = [str(w.message) for w in caught]
+    # each reason names the field and the type it needs
+    assert counts == Counter({"read": 17, "kept": 4, "blank_line": 2, "invalid_json": 1, "bad_type:record:object": 1,
+                              "missing_field:query": 2, "empty_query": 1, "bad_type:query:str": 1,
+                              "missing_field:pos": 1, "bad_type:pos:list[str]": 1, "bad_type:neg:list[str]": 1,
+                              "no_positive": 2, "invalid_utf8": 2, "dropped_empty_text": 3})
+    messages = capsys.readouterr().err.splitlines()  # plain lines: no Python warning with a source path
     # the first five bad records one by one (file:line and reason), then one line for the rest
-    assert messages[:5] == [f"{path}:4: invalid_json (record skipped)", f"{path}:5: not_an_object (record skipped)",
-                            f"{path}:6: missing_query (record skipped)", f"{path}:7: missing_query (record skipped)",
+    assert messages[:5] == [f"{path}:4: invalid_json (record skipped)",
+                            f"{path}:5: bad_type:record:object (record skipped)",
+                            f"{path}:6: missing_field:query (record skipped)",
+                            f"{path}:7: missing_field:query (record skipped)",
                             f"{path}:8: empty_query (record skipped)"]
     assert messages[5:] == [f"{path}: 8 more bad records skipped"]
 
@@ -78,10 +81,9 @@ def test_read_pairs_keeps_texts_unchanged(tmp_path):
 def test_read_pairs_max_bad_fraction(tmp_path):
     good = '{"query": "q", "pos": ["p"]}'
     path = _write_lines(tmp_path / "quarter_bad.jsonl", [good, "", good, "{oops", good])  # bad: line 4, 1 of 4
-    with pytest.warns(PairsWarning):
-        assert len(read_pairs(path, max_bad_fraction=0.25)) == 3  # 1/4 is not above 0.25
+    assert len(read_pairs(path, max_bad_fraction=0.25)) == 3  # 1/4 is not above 0.25
     counts = Counter()
-    with pytest.warns(PairsWarning), pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError) as err:
         read_pairs(path, counts, max_bad_fraction=0.2)
     msg = str(err.value)
     assert "quarter_bad.jsonl:4 (invalid_json)" in msg

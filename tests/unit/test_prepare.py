@@ -81,7 +81,8 @@ def test_bad_records_counted_by_reason(tmp_path):
             b'{"input": "\\ud800", "output_summarize": "a", "output_predict": "b"}\n', b"\n", good]
     s = run(tmp_path, write_jsonl(tmp_path / "bad.jsonl", rows), max_bad_fraction=1.0)
     assert s["examples"] == 2 and s["records"] == 9 and s["blank_lines"] == 1
-    assert s["skipped"] == {"invalid_json": 1, "invalid_utf8": 2, "missing_field": 3, "empty_text": 1}
+    assert s["skipped"] == {"invalid_json": 1, "invalid_utf8": 2, "missing_field:output_predict": 1,
+                            "bad_type:input:str": 1, "bad_type:record:object": 1, "empty_text": 1}
 
 
 def test_bad_fraction_stops_naming_file_and_line(tmp_path):
@@ -103,7 +104,7 @@ def test_text_format_chunks(tmp_path, smol):
     (tmp_path / "in" / "a.txt").write_text(f"{broken}\n\n\n{doc2}\n")
     write_jsonl(tmp_path / "in" / "b.jsonl", [{"text": doc1}, {"text": ""}, {"no": 1}])
     s = run(tmp_path, tmp_path / "in", fmt="text", chunk_tokens=12, max_bad_fraction=1.0)
-    assert s["documents"] == 3 and s["skipped"] == {"empty_text": 1, "missing_field": 1}
+    assert s["documents"] == 3 and s["skipped"] == {"empty_text": 1, "missing_field:text": 1}
     ds = ShardedDataset(tmp_path / "out")
     exs = [ds.example(i) for i in range(len(ds))]
     k = [tok.decode(e.text_ids) for e in exs].index(doc2)  # files in sorted order: a.txt, then b.jsonl
