@@ -247,12 +247,14 @@ def to_run(query_ids: list[str], doc_ids: list[str], scores: np.ndarray, idx: np
 
 
 # ---- the HF padded baseline (speed reference) ------------------------------------------------
-def hf_padded_encode(model_dir: str | os.PathLike, ids: list[list[int]], template, kind: str = "passage",
+def hf_padded_encode(model_dir, ids: list[list[int]], template, kind: str = "passage",
                      batch_size: int = 16):
     """Embeddings of pre-tokenised texts through transformers' AutoModel the way the released
     LLaRA code runs it: batches in the given order, left-padded to the longest (multiple of 8),
-    SDPA attention, fp32 on CPU. Returns (embeddings (n, d), real tokens, padded tokens, seconds)."""
-    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+    SDPA attention, fp32 on CPU. ``model_dir``: an HF directory, or an AutoModel already loaded.
+    Returns (embeddings (n, d), real tokens, padded tokens, seconds)."""
+    model = model_dir if isinstance(model_dir, torch.nn.Module) else AutoModel.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     suffix = list(template.sum_ids if kind == "passage" else template.pred_ids)
     K = template.n_special
