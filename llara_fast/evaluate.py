@@ -251,7 +251,8 @@ def hf_padded_encode(model_dir: str | os.PathLike, ids: list[list[int]], templat
                      batch_size: int = 16):
     """Embeddings of pre-tokenised texts through transformers' AutoModel the way the released
     LLaRA code runs it: batches in the given order, left-padded to the longest (multiple of 8),
-    SDPA attention, fp32 on CPU. Returns (embeddings (n, d), real tokens, padded tokens, seconds)."""
+    SDPA attention, fp32 on CPU (pooled in fp32 at least). Returns (embeddings (n, d), real tokens,
+    padded tokens, seconds)."""
     model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     suffix = list(template.sum_ids if kind == "passage" else template.pred_ids)
@@ -268,7 +269,8 @@ def hf_padded_encode(model_dir: str | os.PathLike, ids: list[list[int]], templat
                 inp[j, L - len(r):] = torch.tensor(r)
                 att[j, L - len(r):] = 1
             hidden = model(input_ids=inp, attention_mask=att).last_hidden_state  # (B, L, d)
-            out.append(F.normalize(hidden[:, -K:].float().mean(1), dim=-1))
+            states = hidden[:, -K:]  # (B, K, d)
+            out.append(F.normalize(states.to(torch.promote_types(states.dtype, torch.float32)).mean(1), dim=-1))
             real += sum(map(len, rows))
             padded += inp.numel()
     return torch.cat(out), real, padded, time.perf_counter() - t0
