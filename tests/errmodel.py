@@ -223,6 +223,12 @@ def pooled_tie_tol(h, w, z, G, P, e, positions, dz):
     return tol_h, tw
 
 
+def mean_tol(x: torch.Tensor, dim: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float64: bound on x.mean(dim) evaluated in dtype (a sum of n terms in any order, then one
+    division): γ_n·mean|x|."""
+    return sum_tol(x.shape[dim], x.double().abs().mean(dim), dtype)
+
+
 def pooled_unit_tol(states: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(E, d) float64: bound on each entry of normalize(states.to(dtype).mean(1)) evaluated in dtype,
     against the same formula in float64, states (E, K, d) float64.
