@@ -251,7 +251,8 @@ def hf_padded_encode(model_dir, ids: list[list[int]], template, kind: str = "pas
                      batch_size: int = 16):
     """Embeddings of pre-tokenised texts through transformers' AutoModel the way the released
     LLaRA code runs it: batches in the given order, left-padded to the longest (multiple of 8),
-    SDPA attention, fp32 on CPU. ``model_dir``: an HF directory, or an AutoModel already loaded.
+    SDPA attention, fp32 on CPU (pooled in fp32 at least). ``model_dir``: an HF directory, or an AutoModel
+    already loaded.
     Returns (embeddings (n, d), real tokens, padded tokens, seconds)."""
     model = model_dir if isinstance(model_dir, torch.nn.Module) else AutoModel.from_pretrained(
         str(model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -270,7 +271,8 @@ def hf_padded_encode(model_dir, ids: list[list[int]], template, kind: str = "pas
                 inp[j, L - len(r):] = torch.tensor(r)
                 att[j, L - len(r):] = 1
             hidden = model(input_ids=inp, attention_mask=att).last_hidden_state  # (B, L, d)
-            out.append(F.normalize(hidden[:, -K:].float().mean(1), dim=-1))
+            states = hidden[:, -K:]  # (B, K, d)
+            out.append(F.normalize(states.to(torch.promote_types(states.dtype, torch.float32)).mean(1), dim=-1))
             real += sum(map(len, rows))
             padded += inp.numel()
     return torch.cat(out), real, padded, time.perf_counter() - t0

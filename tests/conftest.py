@@ -172,6 +172,11 @@ def step_hashes(directory) -> dict[int, int]:
     return {step: sum(v.values()) for step, v in sorted(out.items())}
 
 
+# Runs compared bit for bit (a resumed run against an unstopped one: the same kernels on the same
+# shapes in the same order) run one thread each, so no reduction is split another way.
+SAME_ORDER = {"OMP_NUM_THREADS": "1"}
+
+
 def run_entry(target: list[str], args, nproc: int = 1, env=None, check: bool = True, timeout: int = 300):
     """Run `python -m X ARGS` (target ["-m", X]) or a script (target [path]) as users do: in a
     subprocess, under torch.distributed.run when nproc > 1, offline. Raises with the output's

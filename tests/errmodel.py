@@ -42,6 +42,11 @@ its opmath type), γ_n = n·u / (1 - n·u):
   as partial products (a half GEMM per chunk or per pooled row, at most one per row summed) and
   as the final cast of the fp32 accumulator.
 - ATTENTION: the same rules applied to softmax attention (`attention_tols`).
+- EMBEDDINGS: a unit vector computed in float64 and rounded to fp32 once at the end (the Encoder)
+  is within half an fp32 ulp of its float64 value, so two of them whose float64 values agree to
+  ALGEBRA_RTOL differ by at most one ulp: EMB_ATOL = 2^-24 for entries in [-1, 1]. Where the pooling
+  itself runs in fp32 on float64 states (the model card's `.float().mean(1)`, then normalize),
+  `pooled_unit_tol` bounds the result.
 
 The float64 truth itself errs by the same bounds with u = 2^-53, 2^29 times less: it is ignored.
 A real defect moves a result by the size of a term — a 1% error in a target weight, a dropped
@@ -62,6 +67,7 @@ EXP_ULPS = 8
 # operations stay below 1e-12 relative of the largest value (γ_n for n up to 10^4, times the
 # depth); a wrong mask, position, weight or formula moves results by >= 1e-4. 1e-10 sits between.
 ALGEBRA_RTOL = 1e-10
+EMB_ATOL = 2.0**-24  # see EMBEDDINGS
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -215,6 +221,34 @@ def pooled_tie_tol(h, w, z, G, P, e, positions, dz):
     tol_h = torch.zeros(h.shape, dtype=torch.float64).index_put_((positions.reshape(-1),), th.reshape(-1, h.shape[1]),
                                                                   accumulate=True)
     return tol_h, tw
+
+
+def mean_tol(x: torch.Tensor, dim: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float64: bound on x.mean(dim) evaluated in dtype (a sum of n terms in any order, then one
+    division): γ_n·mean|x|."""
+    return sum_tol(x.shape[dim], x.double().abs().mean(dim), dtype)
+
+
+def pooled_unit_tol(states: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(E, d) float64: bound on each entry of normalize(states.to(dtype).mean(1)) evaluated in dtype,
+    against the same formula in float64, states (E, K, d) float64.
+
+    With a_j = mean_k |h_kj|, the cast, the K-term sum and the division leave each mean entry
+    within μ_j = γ_(K+1)·a_j of m_j; the norm, its d squares summed in any order and a square
+    root, is within γ_(d+1) of ‖m̂‖ (so ‖m‖ ± ‖μ‖), hence ≥ n_lo = (‖m‖ - ‖μ‖)(1 - γ_(d+1)); then
+    |m̂_j/n̂ - m_j/‖m‖| ≤ (μ_j + |m_j|·(‖μ‖ + γ_(d+1)(‖m‖ + ‖μ‖))/‖m‖) / n_lo, plus the division's
+    own u·(|m_j| + μ_j)/n_lo."""
+    h = states.double()
+    K, d = h.shape[1], h.shape[2]
+    u = unit_roundoff(dtype)
+    m = h.mean(1)  # (E, d)
+    mu = gamma(K + 1, dtype) * h.abs().mean(1)  # (E, d)
+    nm, nmu = m.norm(dim=-1, keepdim=True), mu.norm(dim=-1, keepdim=True)  # (E, 1)
+    g = gamma(d + 1, dtype)
+    n_lo = (nm - nmu) * (1 - g)
+    if not bool((n_lo > 0).all()):
+        raise ValueError("pooled_unit_tol: a pooled vector is within its rounding error of zero")
+    return (mu + m.abs() * (nmu + g * (nm + nmu)) / nm + u * (m.abs() + mu)) / n_lo
 
 
 def assert_within(got: torch.Tensor, want: torch.Tensor, tol, what: str = "") -> None:

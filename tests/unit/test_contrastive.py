@@ -80,23 +80,23 @@ def _compare_grads(ours: dict, ref: dict, rel: float):
 
 def test_info_nce_matches_explicit_matrix():
     g = torch.Generator().manual_seed(0)
-    q = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
-    p = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    q = F.normalize(torch.randn(3, 8, generator=g, dtype=torch.float64), dim=-1)  # algebra: float64
+    p = F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=-1)
     loss, hits = info_nce(q, p, group=2, temperature=0.1, n_queries=3, cross_rank=False)
     sim = q @ p.t() / 0.1
     want = -sum(torch.log_softmax(sim[i], -1)[2 * i] for i in range(3)) / 3
-    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(loss, want, rtol=ALGEBRA_RTOL, atol=0)
     assert int(hits) == sum(int(sim[i].argmax() == 2 * i) for i in range(3))
     with pytest.raises(ValueError, match="groups of 4"):
         info_nce(q, p, group=4, temperature=0.1, n_queries=3)
 
 
 def test_pooled_embeddings_are_unit_means():
-    h = torch.randn(10, 4)
+    h = torch.randn(10, 4, dtype=torch.float64)  # algebra: float64
     sp = torch.tensor([[1, 2], [7, 9]])
     e = pooled_embeddings(h, sp)
-    torch.testing.assert_close(e[1], F.normalize((h[7] + h[9]) / 2, dim=0))
-    torch.testing.assert_close(e.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(e[1], F.normalize((h[7] + h[9]) / 2, dim=0), rtol=ALGEBRA_RTOL, atol=0)
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(2, dtype=torch.float64), rtol=ALGEBRA_RTOL, atol=0)
 
 
 def test_loss_and_grads_match_hf_transcription_real_model(smollm2):

@@ -2,7 +2,7 @@
 import pytest
 import shuffled_matmul
 import torch
-from errmodel import assert_within, gamma, sum_tol
+from errmodel import assert_within, gamma, pooled_unit_tol, sum_tol
 from shuffled_matmul import _shuffled
 
 
@@ -37,6 +37,22 @@ def test_sum_bound_holds_for_many_orders(n):
         assert_within(r, exact, tol, "dot")
     if n > 100:
         assert len({r.item() for r in results}) > 1
+
+
+def test_pooled_unit_tol_holds_and_catches_a_small_change():
+    """fp32 pooling (cast, mean over K, normalize) of float64 states, summed in two orders, lies
+    within pooled_unit_tol of the float64 result; states moved by 1e-4 relative do not."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 8, 576, generator=g, dtype=torch.float64)
+    h[:, :, 7] *= 300  # one massive-activation dimension, as LLMs have
+    want = torch.nn.functional.normalize(h.mean(1), dim=-1)
+    tol = pooled_unit_tol(h)
+    for states in (h.float(), h.float().flip(1)):
+        assert_within(torch.nn.functional.normalize(states.mean(1), dim=-1), want, tol, "pooled")
+    sign = torch.randint(0, 2, (576,), generator=g).double() * 2 - 1  # (d,) each dimension up or down
+    moved = torch.nn.functional.normalize((h * (1 + 1e-4 * sign)).float().mean(1), dim=-1)
+    with pytest.raises(AssertionError, match="outside the rounding bound"):
+        assert_within(moved, want, tol, "pooled")
 
 
 def test_shuffled_matmul_is_a_product_in_another_order():

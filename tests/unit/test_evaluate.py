@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from errmodel import sum_tol
+from conftest import _float64_norms_and_rope
+from errmodel import EMB_ATOL, sum_tol
 
 from llara_fast.evaluate import (
     IndexConfig,
@@ -175,8 +176,26 @@ def test_load_scifact():
 
 
 # ---- CLI end to end -----------------------------------------------------------------------------
-def test_cli_end_to_end(tmp_path, capsys):
+def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
+    """The CLI on an export of the debug model. Its --hf-baseline figure compares transformers'
+    padded forward with our packed encoder, the same algebra: both run in float64 here (patched in;
+    the CLI computes in fp32 on CPU), so the figure is our final rounding to fp32 (EMB_ATOL)."""
+    from transformers import AutoModel
+
+    from llara_fast import evaluate
     from llara_fast.io.export import main as export_main
+
+    class AutoModel64:  # transformers in float64, its norms and RoPE too
+        @staticmethod
+        def from_pretrained(path, **kw):
+            model = AutoModel.from_pretrained(path, **{**kw, "dtype": torch.float64})
+            _float64_norms_and_rope(model)
+            return model
+
+    encoder = evaluate.Encoder.from_pretrained
+    monkeypatch.setattr(evaluate, "AutoModel", AutoModel64)
+    monkeypatch.setattr(evaluate.Encoder, "from_pretrained",
+                        lambda spec, **kw: encoder(spec, dtype=torch.float64, **kw))
 
     ds = _write_beir(tmp_path / "ds", crlf=False)
     assert export_main(["--checkpoint", "debug", "--out", str(tmp_path / "m")]) == 0
@@ -193,7 +212,7 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert 0.0 <= res[m] <= 1.0
     assert res["counts"]["corpus_no_text"] == 1 and res["counts"]["qrels_unknown_query"] == 2
     assert any(ln.startswith("nDCG@10") for ln in lines) and any("note:" in ln for ln in lines)
-    assert res["hf_baseline"]["max_abs_diff_vs_ours"] <= 1e-5
+    assert res["dtype"] == "float64" and res["hf_baseline"]["max_abs_diff_vs_ours"] <= EMB_ATOL
     assert res["timing"]["passage_tokens_per_s"] > 0
     run = (tmp_path / "run.trec").read_text().splitlines()
     assert len(run) == 3 * 4 and run[0].split()[:4] == ["q1", "Q0", run[0].split()[2], "1"]

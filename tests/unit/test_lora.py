@@ -33,7 +33,7 @@ def test_lora_starts_at_base_and_trains_only_adapters():
     assert trainable and all(".lora_A" in k or ".lora_B" in k for k in trainable)
     # rank 4 x (in + out) of wq (32 -> 32), wv (32 -> 16), w2 (64 -> 32), in each of 2 blocks
     assert n == sum(p.numel() for p in m.parameters() if p.requires_grad) == 2 * 4 * (64 + 48 + 96)
-    torch.testing.assert_close(m(_batch()), before)  # B = 0
+    torch.testing.assert_close(m(_batch()), before, rtol=0, atol=0)  # B = 0: the base's output plus exact zeros
     # base weights keep their state-dict keys
     assert "layers.0.attention.wq.weight" in m.state_dict()
     m(_batch()).sum().backward()
