@@ -111,6 +111,8 @@ class Evaluator:
             os.replace(old, best)  # stopped between the two renames: the previous best is whole
         for p in (new, old):
             shutil.rmtree(p, ignore_errors=True)
+        if not self.keep_best:
+            return  # a resume without eval.keep_best leaves an earlier RUN/best as it is
         info = best / BEST_FILE
         rec = json.loads(info.read_text()) if info.is_file() else None
         if rec is not None and trainer.cfg.run.resume and rec["step"] <= start and rec["metric"] == self.keep_best:

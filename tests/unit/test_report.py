@@ -190,3 +190,33 @@ def test_finetune_eval_errors(tmp_path, in_process, beir_dev, capsys):
     assert code == 1 and "eval.beir: " in line and "no such BEIR dataset directory" in line
     code, line = err("--eval.beir", str(beir_dev), "--eval.keep_best", "ndcg")
     assert code == 2 and line.startswith("config error: eval.keep_best: unknown metric 'ndcg'")
+
+
+def test_resume_keeps_the_best_only_up_to_the_checkpoint(tmp_path):
+    """Evaluator.begin: a resume keeps RUN/best when its step is not after the checkpoint's (the
+    later steps, and their evaluations, are re-run), removes it otherwise and on a fresh start;
+    a swap stopped between its two renames gets the previous best back."""
+    from types import SimpleNamespace
+
+    from llara_fast.train.evaluation import BEST_FILE, Evaluator
+
+    def begin(start, resume=True):
+        ev = object.__new__(Evaluator)
+        ev.keep_best, ev.best = "ndcg@10", None
+        trainer = SimpleNamespace(rank=0, out=tmp_path, cfg=SimpleNamespace(run=SimpleNamespace(resume=resume)),
+                                  log=lambda msg: None)
+        ev.begin(trainer, start)
+        return ev.best
+
+    def best_at(step, where="best"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / BEST_FILE).write_text(json.dumps({"metric": "ndcg@10", "value": 0.5, "step": step}))
+
+    best_at(4)
+    assert begin(4)["step"] == 4 and (tmp_path / "best").is_dir()
+    assert begin(3) is None and not (tmp_path / "best").exists()  # step 4 is re-run from step 3
+    best_at(2)
+    assert begin(5, resume=False) is None and not (tmp_path / "best").exists()
+    best_at(2, ".best.old")
+    best_at(3, ".best.new")  # stopped after best -> .best.old, before .best.new -> best
+    assert begin(3)["step"] == 2 and not (tmp_path / ".best.old").exists() and not (tmp_path / ".best.new").exists()
