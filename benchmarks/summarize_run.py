@@ -8,36 +8,16 @@ growth, compile). Columns that a run did not measure (MFU and memory on CPU) pri
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import tomllib
 
+from llara_fast.train.report import read_metrics  # the per-step records (the plot of RUN/loss.png reads them too)
+
 COLUMNS = ("run", "model", "layers", "steps", "tokens/step", "tokens/s", "passages/s", "TFLOP/s", "MFU",
            "peak GiB", "loss first→last")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The per-step records of RUN/metrics.jsonl, the latest of each step (a resumed run repeats
-    the steps after its checkpoint), in step order."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (is {run_dir} a pretrain/finetune run directory?)")
-    by_step = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if "step" in rec:
-            by_step[rec["step"]] = rec
-    if not by_step:
-        raise ValueError(f"{path}: no step records")
-    return [by_step[k] for k in sorted(by_step)]
 
 
 def _median(recs: list[dict], key: str) -> float | None:

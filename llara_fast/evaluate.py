@@ -246,6 +246,15 @@ def to_run(query_ids: list[str], doc_ids: list[str], scores: np.ndarray, idx: np
             for i, q in enumerate(query_ids)}
 
 
+def evaluate_encoder(enc: Encoder, data, metrics: tuple[str, ...] = METRICS, k: int = DEFAULT_K) -> Evaluation:
+    """Encode a loaded BEIR split (llara_fast.data.beir.BeirData) with ``enc`` and score its
+    ranking: exact inner-product search (faiss, numpy without it). Fine-tuning's evaluation."""
+    doc_emb = enc.encode(data.doc_texts, "passage").numpy()
+    q_emb = enc.encode(data.query_texts, "query").numpy()
+    scores, idx = search(doc_emb, q_emb, k, "faiss" if faiss is not None else "numpy")
+    return evaluate_run(data.qrels, to_run(data.query_ids, data.doc_ids, scores, idx), metrics)
+
+
 # ---- the HF padded baseline (speed reference) ------------------------------------------------
 def hf_padded_encode(model_dir, ids: list[list[int]], template, kind: str = "passage",
                      batch_size: int = 16):
@@ -446,8 +455,10 @@ def main(argv=None):
                     help="also time a padded transformers forward on the first N passages")
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--max-docs", type=int, default=0, metavar="N",
-                    help="quick comparisons: evaluate on a corpus of every relevant document plus random ones, "
-                         "N in all (0: the full corpus); reported in the result")
+                    help="quick comparisons: evaluate on a corpus of N documents in all (0: the full corpus): the "
+                         "relevant documents of the evaluated queries count toward N (queries whose relevant "
+                         "documents do not fit are left out, said in a note), random ones fill the rest; "
+                         "reported in the result")
     ap.add_argument("--seed", type=int, default=0, help="seed of the --max-docs draw")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--metrics", default=",".join(METRICS),

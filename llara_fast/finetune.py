@@ -7,6 +7,11 @@ Data (llara_fast.data.pairs): FlagEmbedding JSONL, a BEIR split with BM25 (or ra
 or the Wikipedia sample (title -> lead paragraph). InfoNCE over one packed forward per micro-batch
 (llara_fast.objectives.contrastive); full fine-tuning or LoRA (`lora.rank > 0`); the run is the
 Trainer's (llara_fast.train); at the end RUN/export is an HF directory (LoRA merged).
+
+With eval.beir DIR, retrieval is evaluated during training (llara_fast.train.evaluation):
+
+    python -m llara_fast.finetune --data.beir DIR --eval.beir DIR --eval.split dev --eval.every 50 \
+        --eval.max_docs 2000 --eval.keep_best ndcg@10 --run.report_to tensorboard
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from llara_fast.lora import LoraConfig, apply_lora
 from llara_fast.objectives.contrastive import ContrastiveConfig, ContrastiveModule, ContrastiveObjective
 from llara_fast.templates import Template
 from llara_fast.train.config import ModelConfig, OptimConfig, RunConfig
+from llara_fast.train.evaluation import EvalConfig, Evaluator
 from llara_fast.train.trainer import Trainer, cli
 
 
@@ -47,6 +53,7 @@ class FinetuneConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def chunked(d: FinetuneDataConfig, c: ContrastiveConfig) -> FinetuneDataConfig:
@@ -71,6 +78,9 @@ def run(cfg: FinetuneConfig) -> dict:
     model, tokenizer, prompts = load(m.name, m.attn, tokenizer=m.tokenizer or None, random_init=m.random_init,
                                      layers=m.layers, seed=cfg.run.seed, revision=m.revision)
     template = Template.from_tokenizer(tokenizer, prompts)
+    source = f"{m.name} + llara_fast.finetune"
+    if cfg.eval.beir:
+        trainer.evaluator = Evaluator(cfg.eval, trainer, tokenizer, prompts, dataclasses.asdict(cfg.lora), source)
     loader, about = contrastive_loader(chunked(d, cfg.contrastive), tokenizer, template, trainer.rank, trainer.world)
     trainer.log(about)
     if cfg.lora.rank > 0:
@@ -83,9 +93,14 @@ def run(cfg: FinetuneConfig) -> dict:
            "model.ac=selective or full, or use more GPUs")
     identity = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": loader.data_id}
     summary = trainer.fit(loader, lambda: next(loader), objective.describe, identity, oom)
+    if trainer.evaluator is not None and trainer.evaluator.best is not None:
+        b = trainer.evaluator.best
+        summary["best"] = {"path": str(trainer.out / "best"), "step": b["step"], b["metric"]: b["value"]}
+        trainer.log(f"best evaluation: step {b['step']} ({b['metric']} {b['value']:.4f}), kept in "
+                    f"{summary['best']['path']}")
     if cfg.run.export:
         summary["export"] = str(export_trained(trainer.module, model, tokenizer, prompts, trainer.out / "export",
-                                               dataclasses.asdict(cfg.lora), f"{m.name} + llara_fast.finetune",
+                                               dataclasses.asdict(cfg.lora), source,
                                                m.revision if is_hub_id(m.name) else None))
     return summary
 

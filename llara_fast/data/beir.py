@@ -34,20 +34,31 @@ class BeirData:
         return [f"{k.replace('_', ' ')}: {v}" for k, v in sorted(self.counts.items()) if v]
 
     def subset(self, max_docs: int, seed: int = 0) -> "BeirData":
-        """A smaller corpus for quick comparisons: every document judged relevant to an evaluated
-        query, plus documents drawn at random (seeded) up to max_docs in all, in corpus order.
-        Scores on a subset are higher than on the full corpus; compare them only with each other."""
+        """A corpus of at most max_docs documents for quick comparisons. The documents judged
+        relevant to the evaluated queries count toward max_docs and are always kept: where they
+        alone are more, the queries whose relevant documents no longer fit (in order) are left out
+        and counted (queries_over_max_docs); documents drawn at random (seeded) fill the rest, in
+        corpus order. Scores on a subset are higher than on the full corpus; compare them only
+        with each other."""
         if max_docs <= 0 or max_docs >= len(self.doc_ids):
             return self
-        keep = {d for q in self.query_ids for d, r in self.qrels[q].items() if r > 0}
-        keep &= set(self.doc_ids)
+        present, keep, queries = set(self.doc_ids), set(), []
+        counts = Counter(self.counts)
+        for q, text in zip(self.query_ids, self.query_texts):
+            relevant = {d for d, r in self.qrels[q].items() if r > 0} & present
+            if len(keep | relevant) > max_docs:
+                counts["queries_over_max_docs"] += 1
+                continue
+            keep |= relevant
+            queries.append((q, text))
+        dropped = set(self.query_ids) - {q for q, _ in queries}
         others = [d for d in self.doc_ids if d not in keep]
         rng = np.random.default_rng(seed)
         n_more = max(0, max_docs - len(keep))
         keep |= {others[i] for i in rng.choice(len(others), min(n_more, len(others)), replace=False)}
         pairs = [(d, t) for d, t in zip(self.doc_ids, self.doc_texts) if d in keep]
-        return BeirData([d for d, _ in pairs], [t for _, t in pairs], self.query_ids, self.query_texts, self.qrels,
-                        self.counts)
+        return BeirData([d for d, _ in pairs], [t for _, t in pairs], [q for q, _ in queries],
+                        [t for _, t in queries], {q: r for q, r in self.qrels.items() if q not in dropped}, counts)
 
 
 REASONS = {
@@ -72,6 +83,8 @@ REASONS = {
     "queries_not_in_split": "queries.jsonl queries without judgements in this split (not evaluated)",
     "queries_missing_from_run": "judged queries absent from the run (skipped)",
     "run_queries_without_qrels": "run queries without judgements (ignored)",
+    "queries_over_max_docs": "queries left out: their relevant documents did not fit the max_docs cap (which the "
+                             "relevant documents of the evaluated queries count toward)",
 }
 
 

@@ -306,15 +306,22 @@ q = enc.encode_queries(["What is a llama?"])
 """
 
 
+def gather_trained(module, model, lora: dict):
+    """A trained (FSDP) train module's weights as a plain fp32 model on rank 0's CPU, LoRA merged
+    (``lora``: the run's [lora] section); None on the other ranks. Every rank must call it."""
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    return materialise(meta_model(dataclasses.replace(model.args), lora), {k: v.float() for k, v in full.items()})
+
+
 def export_trained(module, model, tokenizer, prompts: PromptConfig, out_dir: Path, lora: dict, source: str,
                    source_revision: str | None = None) -> Path:
     """An HF directory of a trained (FSDP) train module's weights, LoRA merged: gathered from
     every rank, written by rank 0 (``lora``: the run's [lora] section; ``source_revision``: the Hub
     commit of the model the run started from)."""
-    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() == 0:
-        plain = meta_model(dataclasses.replace(model.args), lora)
-        materialise(plain, {k: v.float() for k, v in full.items()})
+    plain = gather_trained(module, model, lora)
+    if plain is not None:
         export(plain, tokenizer, out_dir, prompts, ExportOptions(source=source, source_revision=source_revision,
                                                                  overwrite=True))
     dist.barrier()

@@ -144,6 +144,7 @@ class LlaraObjective:
     Each part of the loss is normalised by the step's global count (all micro-batches of all
     ranks), so the result does not depend on how the global batch is split."""
     n_parts = 4  # total, lm, ebae, ebar
+    loss_parts = ("lm", "ebae", "ebar")  # the metrics fields drawn beside the total in RUN/loss.png
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size

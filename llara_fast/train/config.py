@@ -69,6 +69,8 @@ class RunConfig:
                                    "diverge_patience steps in a row stops the run (0: off)")
     diverge_patience: int = opt(3, "consecutive steps of the gradient-norm rule that make a divergence")
     seed: int = opt(0, "model init for presets without weights")
+    report_to: str = opt("none", "experiment tracking of every metrics.jsonl record: none, tensorboard (RUN/"
+                         "tensorboard), wandb (pip install wandb), or both comma-separated")
 
 
 def compile_enabled(value: str, device_type: str) -> bool:

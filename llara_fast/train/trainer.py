@@ -51,6 +51,7 @@ from llara_fast.kernels import use_triton
 from llara_fast.runtime import tune_cpu_malloc
 from llara_fast.train.config import HISTORY, compile_enabled, load_config, to_toml
 from llara_fast.train.parallel import parallelize
+from llara_fast.train.report import Reporter, check_report_to, plot_losses
 from llara_fast.train.step import StepStats, build_optimizer, lr_lambda, optimizer_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -147,7 +148,7 @@ class StopSignals:
             signal.signal(sig, old)
 
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints", "export")
+RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoints", "export", "best", "loss.png", "tensorboard", "wandb")
 
 
 def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -187,7 +188,7 @@ def _broadcast(obj):
 # is part of what was trained (model, data, loss, batch, dtype, seed) and a change is refused.
 MUTABLE = {"optim.*", "run.steps", "run.log_every", "run.ckpt_every", "run.keep_checkpoints", "run.resume",
            "run.overwrite", "run.out_dir", "run.max_nonfinite", "run.diverge_loss", "run.diverge_grad_norm",
-           "run.diverge_patience", "run.device", "data.verify"}
+           "run.diverge_patience", "run.device", "data.verify", "run.report_to", "eval.*"}
 
 
 def _mutable(key: str) -> bool:
@@ -220,7 +221,8 @@ def resume_changes(old: dict, cfg) -> dict:
 
 
 # The settings that name files or directories (model.name may also be a preset).
-PATH_KEYS = {"run.out_dir", "model.name", "model.tokenizer", "data.dir", "data.input", "data.train", "data.beir"}
+PATH_KEYS = {"run.out_dir", "model.name", "model.tokenizer", "data.dir", "data.input", "data.train", "data.beir",
+             "eval.beir"}
 
 
 def absolute_paths(cfg):
@@ -300,6 +302,10 @@ class DivergenceGuard:
 
 class Trainer:
     hooks: list[Callable] = []  # hook(trainer, step, micro_batches, stats), after each step
+    # The job's evaluation during training (llara_fast.train.evaluation.Evaluator), or None: every
+    # rank calls evaluator.begin(trainer, start) before the loop and evaluator(step) every
+    # evaluator.every steps and at the last, which returns (fields, log line) on rank 0.
+    evaluator = None
 
     def __init__(self, cfg, job: str, default_steps: tuple[int, int]):
         """cfg: a job config with model, optim and run sections; default_steps: (CPU, GPU) for run.steps 0."""
@@ -310,6 +316,8 @@ class Trainer:
         self.steps = cfg.run.steps or default_steps[self.on_gpu]
         cfg.run.steps = self.steps  # the saved config is the resolved one
         self.out = Path(cfg.run.out_dir)
+        check_report_to(cfg.run.report_to)  # a bad name or a missing package, before any work
+        self.report, self.loss_parts = None, ()
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -372,6 +380,7 @@ class Trainer:
         the learning-rate schedule over self.steps."""
         m, o = self.cfg.model, self.cfg.optim
         self.model, self.objective = model, objective
+        self.loss_parts = tuple(getattr(objective, "loss_parts", ()))  # beside the total in RUN/loss.png
         self.log(f"{self.job} on {self.device.type}: {describe_fast_path(self.fast_path)}")
         self.module = parallelize(model, module.to(self.device), m.ac, self.fast_path["compile"], self.dtype,
                                   m.reshard)
@@ -406,16 +415,25 @@ class Trainer:
         """The job's fields and log line of a step, with the learning rate it used and (GPU) peak memory."""
         fields, line = describe(stats)
         mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.on_gpu else None
-        rec = {"step": step, **fields, "lr": lr, "mem_gb": mem, "skipped": stats.skipped}
+        rec = {"step": step, **fields, "lr": lr, "step_s": stats.seconds, "mem_gb": mem, "skipped": stats.skipped}
         return rec, f"step {step:5d} | {line} | lr {lr:.2e}" + (f" | mem {mem:.1f} GB" if mem is not None else "")
 
     def _record(self, rec: dict, line: str, show: bool) -> None:
-        """Rank 0 appends the step's record to metrics.jsonl and, when `show`, prints its log line."""
+        """Rank 0 appends the record to metrics.jsonl, hands it to the trackers (run.report_to) and,
+        when `show`, prints its log line."""
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if self.report is not None:
+                self.report.log(rec)
             if show:
                 self.log(line)
+
+    def _evaluate(self, step: int) -> None:
+        out = self.evaluator(step)
+        if self.rank == 0:
+            fields, line = out
+            self._record({"step": step, "eval": fields}, f"step {step:5d} | eval | {line}", True)
 
     def fit(self, loader, next_batches: Callable[[], list], describe: Callable, identity: dict,
             oom_hint: str) -> dict:
@@ -436,8 +454,37 @@ class Trainer:
         if changes:
             self._apply_changes(changes, start)
         self._write_config(old, changes, start)  # every check passed
-        with StopSignals() as stop:
-            return self._loop(state, start, (next_batches, describe, identity, oom_hint), stop)
+        if self.evaluator is not None:
+            self.evaluator.begin(self, start)
+        failed = True
+        try:
+            if self.rank == 0:
+                self.report = Reporter(self.cfg, self.out, start)
+            with StopSignals() as stop:
+                summary = self._loop(state, start, (next_batches, describe, identity, oom_hint), stop)
+            failed = False
+            return summary
+        except Preempted:
+            failed = False
+            raise
+        finally:
+            self._close_report(failed)
+
+    def _close_report(self, failed: bool) -> None:
+        """Rank 0 closes the trackers and draws RUN/loss.png, however the loop ended (a picture
+        that cannot be drawn is said, never raised over the run's own outcome)."""
+        if self.rank != 0:
+            return
+        if self.report is not None:
+            self.report.close(failed)
+            self.report = None
+        try:
+            path = plot_losses(self.out, self.loss_parts)
+        except Exception as e:  # noqa: BLE001 - the run's outcome matters more than its picture
+            self.log(f"loss.png: not written ({type(e).__name__}: {e})")
+            return
+        if path is not None:
+            self.log(f"wrote {path}")
 
     def _loop(self, state: TrainState, start: int, job: tuple, stop: "StopSignals") -> dict:
         next_batches, describe, identity, oom_hint = job
@@ -463,6 +510,9 @@ class Trainer:
                     raise
                 bar.update(1)
                 signum = stop.agreed(self.device)
+                if self.evaluator is not None and not signum and (step == self.steps or (
+                        self.evaluator.every and step % self.evaluator.every == 0)):
+                    self._evaluate(step)  # before the checkpoint: a crash in between re-runs the step and its eval
                 due = (run.ckpt_every and step % run.ckpt_every == 0) or step == self.steps or signum
                 if due and suspect and not stats.skipped:
                     self.log(f"step {step}: not saved (gradient norm {stats.grad_norm:.4g}: run.diverge_grad_norm)")

@@ -79,6 +79,26 @@ def test_resume_after_kill_is_exact(tmp_path):
             assert m[k] == want[m["step"]][k], (m["step"], k)
 
 
+def test_eval_during_training_two_processes_match_one(tmp_path):
+    """eval.every 1 with keep_best over 2 FSDP processes (the full weights gathered, rank 0
+    evaluates, rank 1 waits) gives the evaluations of 1 process on the same global batch."""
+    from conftest import write_wiki_beir
+
+    beir = write_wiki_beir(tmp_path / "beir", 30, 8, "dev")
+    ev = ["--run.steps", "3", "--eval.beir", str(beir), "--eval.every", "1", "--eval.max_docs", "20",
+          "--eval.keep_best", "mrr@10"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([*COMMON, "--data.queries", "4", *ev, "--run.out_dir", str(one)])
+    _run([*COMMON, "--data.queries", "2", *ev, "--run.out_dir", str(two)], nproc=2)
+    a, b = ([m for m in _metrics(run) if "eval" in m] for run in (one, two))
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        for k in ("ndcg@10", "mrr@10", "recall@100", "documents", "queries"):
+            assert x["eval"][k] == pytest.approx(y["eval"][k], abs=1e-6), (x["step"], k)
+    best = [json.loads((run / "best" / "best.json").read_text()) for run in (one, two)]
+    assert best[0]["step"] == best[1]["step"] and best[0]["metric"] == "mrr@10"
+
+
 def test_lora_run_exports_merged_weights(tmp_path):
     """LoRA fine-tuning changes only the adapted matrices; RUN/export (merged) and the training
     checkpoint (merged on load) hold the same weights; the export encodes like the checkpoint."""

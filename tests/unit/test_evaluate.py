@@ -173,6 +173,27 @@ def test_load_scifact():
                                                      if d in set(sub.doc_ids)}
     assert data.subset(1000, seed=0).doc_ids == sub.doc_ids != data.subset(1000, seed=1).doc_ids
     assert data.subset(0) is data and data.subset(10**6) is data
+    # the cap holds where the relevant documents alone are more (283 for 300 queries: 200 meant 283 before)
+    sub = data.subset(200, seed=0)
+    assert len(sub.doc_ids) == 200 and 0 < len(sub.query_ids) < 300
+    assert sub.counts["queries_over_max_docs"] == 300 - len(sub.query_ids)
+
+
+def test_max_docs_caps_the_corpus_relevant_documents_included():
+    """subset(N): N documents in all; the evaluated queries' relevant documents count toward N and
+    always stay; queries whose relevant documents no longer fit are left out (in order), counted."""
+    from llara_fast.data.beir import BeirData
+
+    docs = [f"d{i}" for i in range(20)]
+    qrels = {"q0": {"d0": 1, "d1": 1}, "q1": {"d2": 1}, "q2": {"d3": 1, "d4": 2, "d5": 1}, "q3": {"d6": 1, "d7": 0}}
+    data = BeirData(docs, [f"text {d}" for d in docs], list(qrels), [f"query {q}" for q in qrels], qrels)
+    sub = data.subset(5)
+    assert sub.query_ids == ["q0", "q1", "q3"] and sub.query_texts == ["query q0", "query q1", "query q3"]
+    assert len(sub.doc_ids) == 5 and {"d0", "d1", "d2", "d6"} < set(sub.doc_ids)  # + one drawn at random
+    assert sub.counts["queries_over_max_docs"] == 1 and "q2" not in sub.qrels and sub.qrels["q3"] == qrels["q3"]
+    sub = data.subset(10)  # all 7 relevant documents fit: every query, 3 drawn at random
+    assert len(sub.doc_ids) == 10 and sub.query_ids == data.query_ids and not sub.counts
+    assert {"d0", "d1", "d2", "d3", "d4", "d5", "d6"} < set(sub.doc_ids)
 
 
 # ---- CLI end to end -----------------------------------------------------------------------------
