@@ -29,7 +29,13 @@ import torch
 import torch.distributed as dist
 
 from llara_fast.config import opt
+from llara_fast.data.beir import REASONS, load_beir
+from llara_fast.encode import Encoder
 from llara_fast.errors import ConfigError, UserError
+from llara_fast.evaluate import DEFAULT_K, METRICS, evaluate_encoder, parse_metric
+from llara_fast.io.checkpoint import materialise, meta_model
+from llara_fast.io.export import ExportOptions, export, gather_trained
+from llara_fast.train.trainer import _broadcast
 
 BEST_FILE = "best.json"
 
@@ -51,8 +57,6 @@ class Evaluator:
     construction (errors before any training), then begin(trainer, start) and evaluator(step)."""
 
     def __init__(self, cfg: EvalConfig, trainer, tokenizer, prompts, lora: dict, source: str):
-        from llara_fast.evaluate import DEFAULT_K, METRICS, parse_metric
-        from llara_fast.train.trainer import _broadcast
 
         if cfg.every < 0:
             raise ConfigError(f"eval.every must be >= 0, got {cfg.every}")
@@ -82,7 +86,6 @@ class Evaluator:
             trainer.log(about)
 
     def _load(self):
-        from llara_fast.data.beir import REASONS, load_beir
 
         c = self.cfg
         data = load_beir(c.beir, c.split)
@@ -124,7 +127,6 @@ class Evaluator:
                 trainer.log(f"eval: removed {best} (step {rec['step']} is re-run from step {start})")
 
     def _save_best(self, plain, step: int, value: float) -> Path:
-        from llara_fast.io.export import ExportOptions, export
 
         out = self.trainer.out
         best, new, old = out / "best", out / ".best.new", out / ".best.old"
@@ -143,11 +145,6 @@ class Evaluator:
     def __call__(self, step: int):
         """Every rank: gather the weights; rank 0 evaluates (and keeps the best) and returns
         (fields, log line), the others None once it is done."""
-        from llara_fast.encode import Encoder
-        from llara_fast.evaluate import evaluate_encoder
-        from llara_fast.io.checkpoint import materialise, meta_model
-        from llara_fast.io.export import gather_trained
-        from llara_fast.train.trainer import _broadcast
 
         t = self.trainer
         t0 = time.perf_counter()

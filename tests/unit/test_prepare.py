@@ -204,7 +204,7 @@ def test_sentencepiece_tokenizer_and_fingerprint_check(tmp_path, smol):
     assert ds.manifest["template"]["prefix_ids"][0] == sp.bos_token_id  # LLaMA layout: BOS from the prefix
     with pytest.raises(ValueError, match="prepare the data again"):
         ds.check_tokenizer(tok)
-    with pytest.raises(P.PrepareError, match="neither a preset"):
+    with pytest.raises(P.PrepareError, match="not a local path, and as a Hub model id it is not in the HF cache"):
         P.prepare(path, "llara-jsonl", "no-such-model", 32, tmp_path / "x", P.PrepareOptions(workers=1, progress=False))
 
 
