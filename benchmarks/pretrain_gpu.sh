@@ -58,7 +58,7 @@ run() {
     | tr '\r' '\n' | grep -v '^pretrain: *[0-9]*%' | tee "$out/default.log"
   echo "default: $((SECONDS - t0)) s wall (set-up, data preparation and checkpoint included)" | tee -a "$out/default.log"
   t0=$SECONDS
-  "$PY" -m llara_fast.pretrain --model.name llama2-7b --model.layers "${LARGER_LAYERS:-8}" \
+  "$PY" -m llara_fast.pretrain --model.name llama2-7b --model.random_init true --model.layers "${LARGER_LAYERS:-8}" \
     --model.tokenizer "$ASSETS/tokenizer.model.v1" --run.steps "${LARGER_STEPS:-60}" \
     --run.out_dir "$runs/larger" "${smoke[@]}" 2>&1 | tr '\r' '\n' | grep -v '^pretrain: *[0-9]*%' \
     | tee "$out/larger.log"
