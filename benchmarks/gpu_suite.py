@@ -125,7 +125,7 @@ def throughput_args(s: Suite, *extra: str) -> list[str]:
 def pretrain_args(s: Suite, name: str, *extra: str) -> list[str]:
     smoke = ["--model.layers", "1", "--run.steps", "3", "--run.device", "cpu", "--data.limit", "64"] if s.smoke else []
     return _py("-m", "llara_fast.pretrain", "--run.out_dir", str(s.runs / name), "--run.overwrite", "true",
-               *extra, *smoke)
+               "--run.export", "false", *extra, *smoke)  # timing runs: no export of the (up to 7B) weights
 
 
 def gpu_memory_gb() -> float:
