@@ -235,6 +235,7 @@ HUB_IDS = {
     "qwen3-0.6b": "Qwen/Qwen3-0.6B",
 }
 
+
 def opt(default, help: str):
     """A config-section field with its one-line help (``--help`` prints it beside the default)."""
     return dataclasses.field(default=default, metadata={"help": help})
