@@ -37,9 +37,9 @@ HOOKED = ROOT / "tests" / "hooked_run.py"
 
 
 def run_args(out: Path, steps: int, data: Path) -> list[str]:
-    return ["--model.name", "debug", "--data.dir", str(data), "--data.token_budget", "500", "--optim.lr", "1e-3",
-            "--optim.warmup_steps", "1", "--run.steps", str(steps), "--run.ckpt_every", "2",
-            "--run.out_dir", str(out)]
+    return ["--model.name", "debug", "--model.random_init", "true", "--data.dir", str(data), "--data.token_budget",
+            "500", "--optim.lr", "1e-3", "--optim.warmup_steps", "1", "--run.steps", str(steps), "--run.ckpt_every",
+            "2", "--run.out_dir", str(out)]
 
 
 def start(args: list[str], hashes: Path) -> subprocess.Popen:
@@ -112,9 +112,9 @@ def integrity_cases(work: Path, data: Path) -> dict[str, bool]:
     outs = []
     for docs in (paras[:20], paras[20:90]):
         src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-        outs.append(_done(_cli("llara_fast.pretrain", "--model.name", "debug", "--data.format", "text",
-                               "--data.input", src, "--data.limit", 0, "--run.steps", 1, "--data.token_budget", 500,
-                               "--run.out_dir", work / "runs" / f"r{len(outs)}")))
+        outs.append(_done(_cli("llara_fast.pretrain", "--model.name", "debug", "--model.random_init", "true",
+                               "--data.format", "text", "--data.input", src, "--data.limit", 0, "--run.steps", 1,
+                               "--data.token_budget", 500, "--run.out_dir", work / "runs" / f"r{len(outs)}")))
     held["edited_input_prepared_again"] = all(o[0] == 0 and "data: preparing" in o[1] for o in outs)
     ds = write_wiki_beir(work / "ds", 60, 10)
     for name, cmd in (("encode", ("llara_fast.encode", "--model", "debug", "--corpus", ds / "corpus.jsonl",

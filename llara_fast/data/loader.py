@@ -39,7 +39,7 @@ from llara_fast.data.native import NativePacker, greedy_offsets, use_native
 from llara_fast.data.packing import pack_encode_reference, pack_reference
 from llara_fast.data.pairs import FinetuneDataConfig, load_records, tokenize_records
 from llara_fast.data.prepare import FORMATS, PrepareOptions, cached_prepare_dir, prepare
-from llara_fast.data.shards import MANIFEST, ExampleStream, ShardedDataset, check_resume_state
+from llara_fast.data.shards import MANIFEST, ExampleStream, ShardedDataset, check_resume_state, epoch_order
 from llara_fast.errors import ConfigError, UserError
 from llara_fast.io.hf import resolve_source
 from llara_fast.templates import Lengths, Template
@@ -134,6 +134,14 @@ class PackedLoader:
         self.batches += 1
         self.examples += batch.num_examples
         return batch
+
+    def epoch_micro_batches(self, epoch: int) -> int:
+        """Micro-batches of epoch ``epoch`` over all dp ranks: the greedy groups of its whole order
+        (the producer's windows group exactly so: a group never crosses an epoch)."""
+        st = self._stream
+        order = epoch_order(len(self.dataset), st.seed, epoch, st.rank, st.world_size, st.shuffle)
+        counts = self.fixed_tokens + np.minimum(self.dataset.text_lengths[order], self.max_len)
+        return len(greedy_offsets(counts, self.token_budget)) - 1
 
     def state_dict(self) -> dict:
         """Position after the last batch handed out, plus what it is only valid for."""
@@ -388,8 +396,13 @@ class ContrastiveLoader:
         for i in range(self.grad_accum):
             block = i * self.dp_world + self.dp_rank
             out.append(self.micro_batch(self.slot + block * per_block))
-        self.slot += per_block * self.dp_world * self.grad_accum
+        self.slot += self.slots_per_step
         return out
+
+    @property
+    def slots_per_step(self) -> int:
+        """Query slots one optimizer step takes (all ranks; an epoch holds one slot per record)."""
+        return self.queries * self.dp_world * self.grad_accum
 
     @property
     def data_id(self) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tomllib
 
-from llara_fast.config import dtype_name, opt, show_choices
+from llara_fast.config import HUB_IDS, PRESETS, dtype_name, opt, show_choices
 from llara_fast.errors import ConfigError, UserError
 
 
@@ -26,8 +26,8 @@ class ModelConfig:
     tokenizer: str = opt("", "tokenizer dir/file (e.g. a SentencePiece tokenizer.model) or Hub model id; default: "
                          "the model's own, or SmolLM2's for presets without weights")
     layers: int = opt(0, "keep only the first L blocks (0: all), for quick runs and benchmarks")
-    random_init: bool = opt(False, "a preset's shape with random weights even if it ships weights (speed runs "
-                            "without the weights package; pair with `tokenizer`)")
+    random_init: bool = opt(False, "random weights in a preset's shape: required for every preset but "
+                            "smollm2-135m (they ship no weights), optional there (pair with `tokenizer`)")
     attn: str = opt("auto", "attention backend: auto, sdpa, torch_varlen, flash_attn, flex, triton (the last two "
                     "opt-in)", ("auto", "sdpa", "torch_varlen", "flash_attn", "flex", "triton"))
     ac: str = opt("none", "activation checkpointing: none, selective, full", ("none", "selective", "full"))
@@ -45,6 +45,8 @@ class OptimConfig:
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     warmup_steps: int = opt(2, "linear warmup steps")
+    warmup_ratio: float = opt(0.0, "linear warmup over this fraction of the run's steps, rounded up (instead of "
+                              "warmup_steps, which then stays at its default; 0: off)")
     decay: str = opt("cosine", "after warmup: cosine, linear or constant", ("cosine", "linear", "constant"))
     min_lr_ratio: float = opt(0.1, "final learning rate / peak (cosine, linear)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
@@ -54,9 +56,13 @@ class OptimConfig:
 class RunConfig:
     out_dir: str = opt("runs/default", "run directory: config.toml, metrics.jsonl, checkpoints/")
     steps: int = opt(0, "optimizer steps (0: 12 on CPU, 200 on GPU)")
+    epochs: float = opt(0.0, "or passes over the data: the steps are derived from the data, token budget, grad_accum "
+                        "and world size, and said at start (0: run.steps)")
     log_every: int = opt(1, "print a log line every N steps (metrics.jsonl gets every step)")
     ckpt_every: int = opt(0, "save a checkpoint every N steps (0: at the end only)")
     keep_checkpoints: int = opt(2, "keep the N newest checkpoints (0: all)")
+    export: bool = opt(True, "after the last checkpoint, write RUN/export: an HF + sentence-transformers directory "
+                       "(LoRA merged)")
     resume: bool = opt(False, "continue from the newest checkpoint of out_dir that verifies")
     overwrite: bool = opt(False, "start afresh in an out_dir that holds another run (its files are deleted)")
     device: str = opt("auto", "auto, cpu or cuda", ("auto", "cpu", "cuda"))
@@ -83,6 +89,23 @@ def compile_enabled(value: str, device_type: str) -> bool:
     if v in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"model.compile must be auto, true or false, got {value!r}")
+
+
+def random_weights(m: ModelConfig, seed: int) -> str | None:
+    """The job's first log line when its model starts from random weights (None: loaded weights).
+    A preset without shipped weights names a shape only: without model.random_init it is a
+    ConfigError that says where the weights are."""
+    if m.name not in PRESETS:
+        return None  # a directory, .gguf file or checkpoint (random_init with one is load()'s error)
+    if PRESETS[m.name].weights is None and not m.random_init:
+        hub = HUB_IDS.get(m.name)
+        where = (f"its weights are {hub} on the Hugging Face Hub (pass their downloaded directory as model.name)"
+                 if hub else "it has no published weights")
+        raise ConfigError(f"model.name {m.name!r} is a preset without weights (a shape only): {where}; pass "
+                          "--model.random_init true to train it from random weights")
+    if not m.random_init:
+        return None
+    return f"model: random weights ({m.name}'s shape, seed {seed}; tokenizer {m.tokenizer or 'of SmolLM2'})"
 
 
 def _coerce(value, typ, where):

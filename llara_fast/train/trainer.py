@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -50,6 +51,7 @@ from llara_fast.io.lock import DirLock
 from llara_fast.kernels import use_triton
 from llara_fast.runtime import tune_cpu_malloc
 from llara_fast.train.config import HISTORY, compile_enabled, load_config, to_toml
+from llara_fast.train.epochs import EpochClock
 from llara_fast.train.parallel import parallelize
 from llara_fast.train.report import Reporter, check_report_to, plot_losses
 from llara_fast.train.step import StepStats, build_optimizer, lr_lambda, optimizer_step
@@ -112,6 +114,22 @@ def fast_path(cfg, device: torch.device, dtype: torch.dtype) -> dict:
 
 def describe_fast_path(fp: dict) -> str:
     return ", ".join(f"{k} {('on' if v else 'off') if isinstance(v, bool) else v}" for k, v in fp.items())
+
+
+def check_run_length(cfg, default_warmup: int) -> None:
+    """run.epochs / run.steps and optim.warmup_ratio / optim.warmup_steps: one of each pair (a
+    warmup_steps other than the job's default counts as given)."""
+    run, o = cfg.run, cfg.optim
+    if run.epochs < 0 or run.steps < 0:
+        raise ConfigError(f"run.epochs ({run.epochs:g}) and run.steps ({run.steps}) must be >= 0")
+    if run.epochs and run.steps:
+        raise ConfigError(f"run.steps {run.steps} and run.epochs {run.epochs:g} are both set: give one (run.steps 0 "
+                          "derives the steps from the epochs)")
+    if not 0 <= o.warmup_ratio < 1:
+        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio:g}")
+    if o.warmup_ratio and o.warmup_steps != default_warmup:
+        raise ConfigError(f"optim.warmup_steps {o.warmup_steps} and optim.warmup_ratio {o.warmup_ratio:g} are both "
+                          f"set: give one (warmup_steps {default_warmup} is the default, left when the ratio is set)")
 
 
 class Preempted(UserError):
@@ -188,7 +206,7 @@ def _broadcast(obj):
 # is part of what was trained (model, data, loss, batch, dtype, seed) and a change is refused.
 MUTABLE = {"optim.*", "run.steps", "run.log_every", "run.ckpt_every", "run.keep_checkpoints", "run.resume",
            "run.overwrite", "run.out_dir", "run.max_nonfinite", "run.diverge_loss", "run.diverge_grad_norm",
-           "run.diverge_patience", "run.device", "data.verify", "run.report_to", "eval.*"}
+           "run.diverge_patience", "run.device", "data.verify", "run.report_to", "eval.*", "run.epochs", "run.export"}
 
 
 def _mutable(key: str) -> bool:
@@ -313,8 +331,11 @@ class Trainer:
         self.rank, self.world, self.device, self.dtype = init_run(cfg.run)
         self.on_gpu = self.device.type == "cuda"
         self.fast_path = fast_path(cfg, self.device, self.dtype)
+        check_run_length(cfg, type(cfg)().optim.warmup_steps)
         self.steps = cfg.run.steps or default_steps[self.on_gpu]
-        cfg.run.steps = self.steps  # the saved config is the resolved one
+        if not cfg.run.epochs:  # with epochs the steps are derived anew at each start (set_epochs)
+            cfg.run.steps = self.steps  # the saved config is the resolved one
+        self.clock = None
         self.out = Path(cfg.run.out_dir)
         check_report_to(cfg.run.report_to)  # a bad name or a missing package, before any work
         self.report, self.loss_parts = None, ()
@@ -359,13 +380,32 @@ class Trainer:
         tmp.write_text(text)
         os.replace(tmp, self.out / "config.toml")
 
+    def set_epochs(self, clock: EpochClock) -> None:
+        """Where each step ends in the data (the epoch of each metrics record); with run.epochs, the
+        run's steps, said at start. Before build()."""
+        self.clock, epochs = clock, self.cfg.run.epochs
+        if epochs:
+            self.steps = clock.steps_for(epochs)
+            self.log(f"run: {epochs:g} epochs = {self.steps} steps ({clock.about})")
+
+    def warmup(self) -> int:
+        """The schedule's warmup steps: optim.warmup_ratio of the run (rounded up), else optim.warmup_steps."""
+        o = self.cfg.optim
+        return math.ceil(o.warmup_ratio * self.steps) if o.warmup_ratio else o.warmup_steps
+
+    def _schedule(self):
+        o, warmup = self.cfg.optim, self.warmup()
+        if warmup > self.steps:
+            self.log(f"warmup {warmup} steps > run {self.steps} steps: the peak lr is never reached")
+        return lr_lambda(warmup, self.steps, o.decay, o.min_lr_ratio)
+
     def _apply_changes(self, changes: dict, start: int) -> None:
         """Settings a resume may change take effect from the resume step: the optimizer's lr, betas
         and weight decay, and the schedule (warmup, decay, steps) at the restored step."""
         o = self.cfg.optim
-        if any(k.startswith("optim.") or k == "run.steps" for k in changes):
+        if any(k.startswith("optim.") or k in ("run.steps", "run.epochs") for k in changes):
             sched = self.scheduler
-            sched.lr_lambdas = [lr_lambda(o.warmup_steps, self.steps, o.decay, o.min_lr_ratio)] * len(sched.lr_lambdas)
+            sched.lr_lambdas = [self._schedule()] * len(sched.lr_lambdas)
             sched.base_lrs = [o.lr] * len(sched.base_lrs)
             for g, base, f in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                 g["initial_lr"], g["lr"], g["betas"] = base, base * f(sched.last_epoch), (o.beta1, o.beta2)
@@ -385,8 +425,7 @@ class Trainer:
         self.module = parallelize(model, module.to(self.device), m.ac, self.fast_path["compile"], self.dtype,
                                   m.reshard)
         self.optimizer = build_optimizer(self.module, o.lr, o.weight_decay, (o.beta1, o.beta2))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(o.warmup_steps, self.steps, o.decay, o.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
 
     def step(self, micro_batches) -> StepStats:
         return optimizer_step(self.module, micro_batches, self.optimizer, self.scheduler, self.objective,
@@ -415,7 +454,8 @@ class Trainer:
         """The job's fields and log line of a step, with the learning rate it used and (GPU) peak memory."""
         fields, line = describe(stats)
         mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.on_gpu else None
-        rec = {"step": step, **fields, "lr": lr, "step_s": stats.seconds, "mem_gb": mem, "skipped": stats.skipped}
+        epoch = {"epoch": round(self.clock.epoch_at(step), 6)} if self.clock is not None else {}
+        rec = {"step": step, **epoch, **fields, "lr": lr, "step_s": stats.seconds, "mem_gb": mem, "skipped": stats.skipped}
         return rec, f"step {step:5d} | {line} | lr {lr:.2e}" + (f" | mem {mem:.1f} GB" if mem is not None else "")
 
     def _record(self, rec: dict, line: str, show: bool) -> None:
@@ -449,8 +489,10 @@ class Trainer:
         changes = resume_changes(old, self.cfg) if old is not None else {}
         start = self._resume(state, identity) if run.resume else 0
         if start and self.steps <= start:
-            raise UserError(f"run.steps is {self.steps}, but the checkpoint is at step {start}: nothing to do; pass "
-                            f"--run.steps N with N > {start} to train further")
+            length = f"run.epochs {run.epochs:g} = {self.steps} steps" if run.epochs else f"run.steps is {self.steps}"
+            more = "a larger --run.epochs" if run.epochs else f"--run.steps N with N > {start}"
+            raise UserError(f"{length}, but the checkpoint is at step {start}: nothing to do; pass {more} to train "
+                            "further")
         if changes:
             self._apply_changes(changes, start)
         self._write_config(old, changes, start)  # every check passed

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import SAME_ORDER, hooked, run_entry
 
-COMMON = ["--model.name", "debug", "--data.limit", "24", "--data.negatives", "2", "--optim.lr", "1e-3",
-          "--optim.warmup_steps", "1", "--run.export", "false"]
+COMMON = ["--model.name", "debug", "--model.random_init", "true", "--data.limit", "24", "--data.negatives", "2",
+          "--optim.lr", "1e-3", "--optim.warmup_steps", "1", "--run.export", "false"]
 
 
 def _run(args, nproc=1, hooks=(), check=True, env=None):

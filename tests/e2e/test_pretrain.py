@@ -5,9 +5,11 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import SAME_ORDER, hooked, run_entry, step_hashes
 
-COMMON = ["--model.name", "debug", "--data.token_budget", "500", "--optim.lr", "1e-3", "--optim.warmup_steps", "1"]
+COMMON = ["--model.name", "debug", "--model.random_init", "true", "--data.token_budget", "500", "--optim.lr", "1e-3",
+          "--optim.warmup_steps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,8 @@ def test_model_tokenizer_option(tmp_path):
 
     spm = str(sentencepiece_model_path())
     out = tmp_path / "run"
-    _run(["--model.name", "debug", "--model.tokenizer", spm, "--data.limit", "16", "--data.token_budget", "500",
+    _run(["--model.name", "debug", "--model.random_init", "true", "--model.tokenizer", spm, "--data.limit", "16",
+          "--data.token_budget", "500",
           "--run.steps", "1", "--run.out_dir", str(out)])
     assert f'tokenizer = "{spm}"' in (out / "config.toml").read_text()
     model, tok, _ = load(str(out / "checkpoints" / "step_0000001"))
@@ -214,3 +217,57 @@ def test_on_the_fly_cache_follows_the_input_content(tmp_path):
     assert len(manifests) == 2 and counts == [20, 120], counts
     out = run("c")  # unchanged: reused, the cache's path named
     assert "data: reusing" in out and str(tmp_path / "runs" / "data") in out
+
+
+def test_epochs_warmup_ratio_and_export(tmp_path, data_dir):
+    """`--run.epochs 2 --optim.warmup_ratio 0.25` from random weights: the first log line says the
+    weights are random; the start line's step count is the steps run; every record has its epoch and
+    the last step is the one that completes epoch 2; the lr each step logs is the warmup-ratio
+    schedule's. RUN/export (written after the last checkpoint) loads in transformers' AutoModel with
+    exactly the checkpoint's weights and in sentence-transformers, whose embeddings are the Encoder's
+    on the final checkpoint (both in float64, each rounded once to fp32)."""
+    import re
+
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from llara_fast.encode import Encoder
+    from llara_fast.io.hf import ours_to_hf
+    from llara_fast.io.load import load
+    from llara_fast.train.step import lr_lambda
+
+    out = tmp_path / "run"
+    p = _run([*COMMON, "--data.dir", str(data_dir), "--data.token_budget", "2000", "--run.epochs", "2",
+              "--optim.warmup_steps", "2", "--optim.warmup_ratio", "0.25", "--run.out_dir", str(out)])
+    lines = p.stdout.splitlines()
+    assert lines[0] == "model: random weights (debug's shape, seed 0; tokenizer of SmolLM2)"
+    n = int(re.search(r"^run: 2 epochs = (\d+) steps \(", p.stdout, re.M).group(1))
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, n + 1))
+    epochs = [r["epoch"] for r in rows]
+    assert 0 < epochs[0] and epochs == sorted(epochs) and epochs[-2] < 2 <= epochs[-1]
+    warmup = math.ceil(0.25 * n)
+    f = lr_lambda(warmup, n, "cosine", 0.1)
+    assert [r["lr"] for r in rows] == [1e-3 * f(s) for s in range(n)]  # the lr each step used
+    assert rows[warmup - 2]["lr"] < 1e-3 == rows[warmup - 1]["lr"]
+    ckpt = out / "checkpoints" / f"step_{n:07d}"
+    assert (ckpt / "COMPLETE").is_file() and f"exported {out / 'export'}" in p.stdout
+
+    trained, tok, _ = load(str(ckpt))
+    hf = AutoModel.from_pretrained(str(out / "export"), dtype=torch.float32)
+    want = {k.removeprefix("model."): v for k, v in ours_to_hf(trained.state_dict()).items() if k != "lm_head.weight"}
+    got = hf.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    texts = ["The llama is a domesticated South American camelid.", "Paris is the capital of France.", ""]
+    st = SentenceTransformer(str(out / "export"), trust_remote_code=True, device="cpu",
+                             model_kwargs={"dtype": torch.float64})
+    assert next(st.parameters()).dtype == torch.float64
+    enc = Encoder(trained, tok, device="cpu", dtype=torch.float64)
+    u32 = 2.0**-24
+    for kind, fn in (("query", st.encode_query), ("passage", st.encode_document)):
+        theirs = torch.as_tensor(fn(texts, convert_to_tensor=True)).float()
+        ours = enc.encode(texts, kind)
+        # each side: float64 (agreeing far below 2^-40), then one rounding to fp32 (u32 relative)
+        assert ((theirs - ours).abs() <= u32 * (theirs.abs() + ours.abs()) + 2.0**-40).all(), kind

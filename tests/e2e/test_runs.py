@@ -17,8 +17,8 @@ import pytest
 from conftest import SAME_ORDER, hooked, run_entry, step_hashes
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMON = ["--model.name", "debug", "--data.limit", "60", "--data.token_budget", "500", "--optim.lr", "1e-3",
-          "--optim.warmup_steps", "1"]
+COMMON = ["--model.name", "debug", "--model.random_init", "true", "--data.limit", "60", "--data.token_budget", "500",
+          "--optim.lr", "1e-3", "--optim.warmup_steps", "1"]
 
 
 def _run(args, hooks=(), check=True, env=None):
@@ -229,8 +229,8 @@ def test_finetune_resume_checks_its_data(tmp_path):
                                 for i in range(8)))
         return path
     a, b = pairs(tmp_path / "a.jsonl", "alpha"), pairs(tmp_path / "b.jsonl", "beta")
-    args = ["--model.name", "debug", "--data.negatives", "2", "--run.export", "false", "--run.out_dir",
-            str(tmp_path / "run")]
+    args = ["--model.name", "debug", "--model.random_init", "true", "--data.negatives", "2", "--run.export", "false",
+            "--run.out_dir", str(tmp_path / "run")]
     run_entry(["-m", "llara_fast.finetune"], [*args, "--data.train", str(a), "--run.steps", "2"])
     p = run_entry(["-m", "llara_fast.finetune"], [*args, "--data.train", str(b), "--run.steps", "3",
                                                   "--run.resume", "true"], check=False)

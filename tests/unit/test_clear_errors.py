@@ -20,7 +20,7 @@ def one_line(err: str) -> str:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
 def test_run_device_cuda_without_cuda(tmp_path, in_process_group, capsys):
-    assert pretrain_main(["--run.device", "cuda", "--model.name", "debug", "--run.out_dir", str(tmp_path)]) == 2
+    assert pretrain_main(["--run.device", "cuda", "--model.name", "debug", "--model.random_init", "true", "--run.out_dir", str(tmp_path)]) == 2
     line = one_line(capsys.readouterr().err)
     assert "run.device is cuda, but this machine has no usable CUDA device" in line
     assert "--run.device auto or cpu" in line
@@ -111,7 +111,7 @@ def test_finetune_prints_no_python_warning(tmp_path, in_process_group, recwarn, 
     good = [{"query": f"q{i}", "pos": [f"passage {i}"], "neg": [f"other {i}"]} for i in range(4)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join([json.dumps({"query": 3, "pos": ["p"]})] + [json.dumps(r) for r in good]) + "\n")
-    assert finetune_main(["--model.name", "debug", "--data.train", str(data), "--data.queries", "2",
+    assert finetune_main(["--model.name", "debug", "--model.random_init", "true", "--data.train", str(data), "--data.queries", "2",
                           "--data.negatives", "1", "--data.max_bad_fraction", "0.5", "--run.steps", "1",
                           "--run.out_dir", str(tmp_path / "run"), "--run.export", "false"]) == 0
     err = capfd.readouterr().err

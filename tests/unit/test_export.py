@@ -174,7 +174,8 @@ def test_export_training_checkpoint(tmp_path):
 
     prepare(None, "wiki-sample", str(resolve_source("smollm2-135m")), 64, tmp_path / "data", PrepareOptions(limit=12,
             progress=False, workers=1))
-    cmd = [sys.executable, "-m", "llara_fast.pretrain", "--model.name", "debug", "--data.dir", str(tmp_path / "data"),
+    cmd = [sys.executable, "-m", "llara_fast.pretrain", "--model.name", "debug", "--model.random_init", "true",
+           "--data.dir", str(tmp_path / "data"),
            "--run.steps", "1", "--run.out_dir", str(tmp_path / "run"), "--data.token_budget", "400"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-2000:]

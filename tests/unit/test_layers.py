@@ -32,7 +32,7 @@ LAYERS = [
     ["llara_fast.io.checkpoint", "llara_fast.io.load", "llara_fast.io.export", "llara_fast.encode"],
     # training
     ["llara_fast.train", "llara_fast.train.config", "llara_fast.train.parallel", "llara_fast.train.step",
-     "llara_fast.train.report", "llara_fast.train.trainer"],
+     "llara_fast.train.report", "llara_fast.train.epochs", "llara_fast.train.trainer"],
     # entry points
     ["llara_fast.pretrain", "llara_fast.finetune", "llara_fast.evaluate", "llara_fast.export",
      "llara_fast.train.evaluation"],  # evaluation during training: the evaluate entry point on the trainer's weights

@@ -129,3 +129,34 @@ def test_microbatch_sharding_is_world_size_independent(data):
         assert_same_batch(x, y)
     with pytest.raises(ValueError, match="dp_world=2, this run has 3"):
         PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(dp_rank=1, dp_world=3, **kw)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("groups_per_call", [1, 3])
+def test_epoch_micro_batches_count_what_the_loader_yields(data, groups_per_call):
+    """run.epochs' step count rests on epoch_micro_batches: per epoch, exactly the micro-batches the
+    producer's windows pack (all dp ranks together), for a small and a large window; and the clock
+    over it puts each step's end at the epoch the data reached."""
+    from llara_fast.train.epochs import EpochClock
+
+    ds, _ = data
+    tpl = toy_template(300)
+    kw = dict(seed=3, groups_per_call=groups_per_call, prefetch=1)
+    one = PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(epochs=1, **kw))
+    per_epoch = [one.epoch_micro_batches(e) for e in range(3)]
+    assert len(list(one)) == per_epoch[0]
+    three = PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(epochs=3, **kw))
+    assert len(list(three)) == sum(per_epoch)
+    halves = [len(list(PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(dp_rank=r, dp_world=2, epochs=1, **kw))))
+              for r in range(2)]
+    assert sum(halves) == per_epoch[0] == one.epoch_micro_batches(0)
+    clock = EpochClock(one.epoch_micro_batches, 2, "")
+    steps = clock.steps_for(3)
+    assert steps == -(-sum(per_epoch) // 2)  # the last step may start epoch 4
+    walk = PackedLoader(ds, tpl, MAX_LEN, BUDGET, LoaderOptions(**kw))
+    for step in range(1, steps + 1):
+        for _ in range(2):
+            next(walk)
+        assert int(clock.epoch_at(step)) == walk.state_dict()["epoch"], step  # the epoch the data is in
+    walk.close()
+    assert 3 <= clock.epoch_at(steps) < 3 + 2 / per_epoch[2]
+    assert clock.units_in(1.5) == per_epoch[0] + round(0.5 * per_epoch[1])

@@ -63,7 +63,8 @@ def test_finetune_on_dense_negatives(tmp_path, wiki_beir):
     out = tmp_path / "mined.jsonl"
     assert main(["--beir", str(wiki_beir), "--model", "debug", "--attn", "sdpa", "--rank-range", "2:40", "--k", "3",
                  "--quiet", "--out", str(out)]) == 0
-    run_entry(["-m", "llara_fast.finetune"], ["--model.name", "debug", "--data.train", str(out), "--data.negatives",
+    run_entry(["-m", "llara_fast.finetune"], ["--model.name", "debug", "--model.random_init", "true", "--data.train",
+                                              str(out), "--data.negatives",
                                               "2", "--data.queries", "4", "--run.steps", "2", "--run.out_dir",
                                               str(tmp_path / "run"), "--run.export", "false"])
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -13,9 +13,9 @@ from llara_fast.errors import ConfigError, UserError
 from llara_fast.train.report import check_report_to, read_metrics
 from llara_fast.train.trainer import Trainer
 
-PRETRAIN = ["--model.name", "debug", "--data.limit", "16", "--data.token_budget", "300", "--optim.lr", "1e-3",
+PRETRAIN = ["--model.name", "debug", "--model.random_init", "true", "--run.export", "false", "--data.limit", "16", "--data.token_budget", "300", "--optim.lr", "1e-3",
             "--optim.warmup_steps", "1"]
-FINETUNE = ["--model.name", "debug", "--data.limit", "24", "--data.negatives", "2", "--data.queries", "4",
+FINETUNE = ["--model.name", "debug", "--model.random_init", "true", "--data.limit", "24", "--data.negatives", "2", "--data.queries", "4",
             "--optim.lr", "1e-3", "--optim.warmup_steps", "1", "--run.export", "false"]
 
 
