@@ -198,6 +198,8 @@ def peak_tflops_for(device_name: str) -> float | None:
     return None
 
 
+DEFAULT_MODEL = "smollm2-135m"  # the training jobs' model.name and prepare's --tokenizer when none is given
+
 PRESETS: dict[str, ModelArgs] = {
     # Tiny random model over the SmolLM2 tokenizer: tests and CPU smoke runs.
     "debug": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, ffn_hidden=176,

@@ -98,6 +98,10 @@ def _find_run(ids: list[int], want: list[int], what: str) -> list[int]:
     return out
 
 
+# The TEXT cap of an example when none is given: pretraining's data.max_len and prepare's --max-len.
+DEFAULT_MAX_LEN = 128
+
+
 @dataclass(frozen=True)
 class Lengths:
     """The token budgets of one example, as the released code derives them from ``cutoff_len``

@@ -42,7 +42,7 @@ from llara_fast.data.prepare import FORMATS, PrepareOptions, cached_prepare_dir,
 from llara_fast.data.shards import MANIFEST, ExampleStream, ShardedDataset, check_resume_state, epoch_order
 from llara_fast.errors import ConfigError, UserError
 from llara_fast.io.hf import resolve_source
-from llara_fast.templates import Lengths, Template
+from llara_fast.templates import DEFAULT_MAX_LEN, Lengths, Template
 
 
 class _End:
@@ -248,8 +248,10 @@ class PretrainDataConfig:
     format: str = opt("wiki-sample", "for on-the-fly prepare: wiki-sample, llara-jsonl, text", FORMATS)
     input: str = opt("", "for on-the-fly prepare of llara-jsonl / text")
     limit: int = opt(-1, "for on-the-fly prepare: first N records (0: all; -1: 2000 on CPU, all on GPU)")
-    max_len: int = opt(128, "passage (TEXT) tokens per example (targets: max_len + the prompt tokens)")
+    max_len: int = opt(DEFAULT_MAX_LEN, "passage (TEXT) tokens per example (targets: max_len + the prompt tokens)")
     cutoff_len: int = opt(0, "or the released code's cutoff_len, the whole sequence (> 0 overrides max_len)")
+    remove_stopwords: bool = opt(False, "for on-the-fly prepare: the released remove_stop_words rule on the target "
+                                 "texts (prepare --remove-stopwords)")
     token_budget: int = opt(0, "tokens per micro-batch (0: 1024 on CPU, 16384 on GPU)")
     grad_accum: int = opt(1, "micro-batches per rank per step")
     seed: int = opt(0, "data order")
@@ -300,7 +302,8 @@ def llara_loader(cfg, tokenizer, template: Template, rank: int, world: int) -> P
             else:
                 print(f"data: preparing {d.input or d.format} into {data_dir}", flush=True)
                 prepare(d.input or None, d.format, tok_spec, None if d.cutoff_len else d.max_len, data_dir,
-                        PrepareOptions(cutoff_len=d.cutoff_len or None, limit=d.limit or None, overwrite=True))
+                        PrepareOptions(cutoff_len=d.cutoff_len or None, limit=d.limit or None,
+                                       remove_stopwords=d.remove_stopwords, overwrite=True))
             box = [str(data_dir)]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)

@@ -1,7 +1,7 @@
 """prepare: corpora -> token shards (DESIGN §2), once per corpus and tokenizer.
 
     python -m llara_fast.data.prepare --input PATH --format {llara-jsonl,text,wiki-sample} \\
-        --tokenizer MODEL (--cutoff-len N | --max-len N) --out DIR [--target-max-len N]
+        [--tokenizer MODEL] [--cutoff-len N | --max-len N] --out DIR [--target-max-len N]
         [--remove-stopwords] [--chunk-tokens N]
 
 Formats (a file, or a directory whose files are read in sorted order):
@@ -62,6 +62,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from llara_fast.config import DEFAULT_MODEL
 from llara_fast.data.records import (
     PrepareError,
     Record,
@@ -76,7 +77,7 @@ from llara_fast.data.text import doc_chunks, remove_control_chars, remove_stopwo
 from llara_fast.errors import InputNotFound, UserError
 from llara_fast.io.hf import add_special_tokens, hub_commit, load_tokenizer, tokenizer_source
 from llara_fast.io.lock import DirLock, file_sha256, locked_by, remove_stale_tmp
-from llara_fast.templates import Lengths, PromptConfig, Template
+from llara_fast.templates import DEFAULT_MAX_LEN, Lengths, PromptConfig, Template
 
 FORMATS = ("llara-jsonl", "text", "wiki-sample")
 WIKI_SAMPLE_CHUNK_TOKENS = 48
@@ -467,11 +468,12 @@ def input_fingerprint(path: str | os.PathLike, root: Path) -> str:
 
 def cached_prepare_dir(root: Path, data, tokenizer_spec: str) -> Path:
     """Where an on-the-fly preparation of a pretraining data section goes under root: named by
-    its format, tokenizer, lengths, limit and the input's CONTENT (sha256; size and mtime spare
+    its format, tokenizer, lengths, limit, stop-word rule and the input's CONTENT (sha256; size and mtime spare
     hashing an unchanged file again), so an edited input, or a changed setting, prepares again."""
     tag = f"{data.format}-{Path(tokenizer_spec).name}-" + (
         f"cutoff{data.cutoff_len}" if data.cutoff_len else f"len{data.max_len}") + "-v2" + (
-        f"-n{data.limit}" if data.limit > 0 else "")  # v2: targets cut at the cutoff, not the TEXT cap
+        f"-n{data.limit}" if data.limit > 0 else "") + (  # v2: targets cut at the cutoff, not the TEXT cap
+        "-nostop" if data.remove_stopwords else "")
     if data.input:
         tag += "-" + input_fingerprint(data.input, root)[:16]
     return Path(root) / tag
@@ -481,13 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llara_fast.data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", help="file or directory (optional for wiki-sample)")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--tokenizer", required=True, help="preset (e.g. smollm2-135m), HF dir, .gguf, SentencePiece .model "
-                   "or Hub model id ORG/NAME (from the HF cache; downloaded unless HF_HUB_OFFLINE is set)")
+    p.add_argument("--tokenizer", default=DEFAULT_MODEL, help="preset, HF dir, .gguf, SentencePiece .model or Hub "
+                   "model id ORG/NAME (from the HF cache; downloaded unless HF_HUB_OFFLINE is set); default "
+                   f"{DEFAULT_MODEL}, pretraining's default model")
     p.add_argument("--revision", default="main", help="branch, tag or commit of a Hub --tokenizer (default main)")
     p.add_argument("--cutoff-len", type=int, help="the released code's cutoff_len: tokens of the whole sequence; "
                    "TEXT gets cutoff-len minus the prompt tokens, targets are cut at cutoff-len")
     p.add_argument("--max-len", type=int, help="or: passage (TEXT) tokens kept per example; targets are then cut "
-                   "at max-len plus the prompt tokens")
+                   f"at max-len plus the prompt tokens (default {DEFAULT_MAX_LEN}, as pretraining's data.max_len)")
     p.add_argument("--target-max-len", type=int, help="override the target cap (tokens of each target text)")
     p.add_argument("--out", required=True)
     p.add_argument("--remove-stopwords", action="store_true", help="the released rule on target texts: non-word "
@@ -501,8 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    if (a.cutoff_len is None) == (a.max_len is None):
-        p.error("give exactly one of --cutoff-len and --max-len")
+    if a.cutoff_len is not None and a.max_len is not None:
+        p.error("give one of --cutoff-len and --max-len, not both")
+    a.max_len = DEFAULT_MAX_LEN if a.cutoff_len is None and a.max_len is None else a.max_len
     if a.limit is not None and a.limit < 0:
         p.error(f"--limit must be >= 0 (0: all records), got {a.limit}")
     try:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import tomllib
 
-from llara_fast.config import HUB_IDS, PRESETS, dtype_name, opt, show_choices
+from llara_fast.config import DEFAULT_MODEL, HUB_IDS, PRESETS, dtype_name, opt, show_choices
 from llara_fast.errors import ConfigError, UserError
 
 
 @dataclass
 class ModelConfig:
-    name: str = opt("smollm2-135m", "preset (see config.PRESETS), HF LLaMA directory, .gguf file, training "
+    name: str = opt(DEFAULT_MODEL, "preset (see config.PRESETS), HF LLaMA directory, .gguf file, training "
                     "checkpoint (RUN/checkpoints/step_N or RUN) or Hub model id ORG/NAME (HF cache; downloaded "
                     "unless HF_HUB_OFFLINE is set)")
     revision: str = opt("main", "branch, tag or commit of a Hub model id; the run records the commit it resolved, "

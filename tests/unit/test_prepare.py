@@ -142,8 +142,26 @@ def test_cutoff_len_as_released(tmp_path, smol):
     with pytest.raises(P.PrepareError, match="leaves no room for the passage"):
         run(tmp_path, path, name="small", max_len=None, cutoff_len=tpl.fixed_tokens)
     with redirect_stdout(io.StringIO()), pytest.raises(SystemExit):
-        P.main(["--input", str(path), "--format", "llara-jsonl", "--tokenizer", "smollm2-135m", "--out",
-                str(tmp_path / "cli")])  # neither --cutoff-len nor --max-len
+        P.main(["--input", str(path), "--format", "llara-jsonl", "--cutoff-len", "80", "--max-len", "40", "--out",
+                str(tmp_path / "cli")])  # both
+
+
+def test_cli_defaults_are_pretrainings(tmp_path, smol):
+    """`prepare --format llara-jsonl --input FILE --out DIR` (the README's command): the tokenizer of
+    pretraining's default model, the TEXT cap of its data.max_len; pretrain reads the result."""
+    from llara_fast.config import DEFAULT_MODEL
+    from llara_fast.data.loader import PretrainDataConfig
+    from llara_fast.train.config import ModelConfig
+
+    tok, tpl = smol
+    assert ModelConfig().name == DEFAULT_MODEL and PretrainDataConfig().max_len == P.DEFAULT_MAX_LEN
+    path = write_jsonl(tmp_path / "data.jsonl", RELEASED)
+    with redirect_stdout(io.StringIO()):
+        assert P.main(["--format", "llara-jsonl", "--input", str(path), "--out", str(tmp_path / "d"),
+                       "--workers", "1", "--no-progress"]) == 0
+    ds = ShardedDataset(tmp_path / "d", tokenizer=tok)  # refuses another tokenizer
+    default = PretrainDataConfig().max_len
+    assert (ds.max_len, ds.cutoff_len) == (default, default + tpl.fixed_tokens)
 
 
 def test_remove_stopwords_released_rule():
@@ -166,6 +184,31 @@ def test_remove_stopwords(tmp_path, smol):
     assert e.sum_targets.tolist() == tok("cat dog")["input_ids"]
     assert e.pred_targets.tolist() == [] and s["empty_pred_targets"] == 1
     assert e.text_ids.tolist() == tok("The cat and the dog.", add_special_tokens=False)["input_ids"]
+
+
+def test_pretrain_on_the_fly_remove_stopwords(tmp_path, smol):
+    """pretrain --data.remove_stopwords true reaches prepare's rule on the on-the-fly path, and the
+    cache key holds it: the same input with the rule off prepares again, into another directory."""
+    from llara_fast.data.loader import llara_loader
+    from llara_fast.pretrain import PretrainConfig
+    from llara_fast.train.config import load_config
+
+    tok, tpl = smol
+    row = {"input": "The cat and the dog.", "output_summarize": "The cat and the dog.", "output_predict": "Of it, the!"}
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    dirs = {}
+    for flag in ("true", "false"):
+        cfg = load_config(["--data.format", "llara-jsonl", "--data.input", str(path), "--data.remove_stopwords", flag,
+                           "--data.limit", "0", "--data.token_budget", "512", "--run.out_dir",
+                           str(tmp_path / "runs" / flag)], PretrainConfig)
+        with redirect_stdout(io.StringIO()):
+            loader = llara_loader(cfg, tok, tpl, 0, 1)
+        loader.close()
+        ds = loader.dataset
+        dirs[flag] = ds.data_dir
+        want = "cat dog" if flag == "true" else "The cat and the dog."
+        assert ds.example(0).sum_targets.tolist() == tpl.target_set(tok(want)["input_ids"]), flag
+    assert dirs["true"] != dirs["false"] and dirs["true"].parent == dirs["false"].parent == tmp_path / "runs" / "data"
 
 
 def test_split_sentences():
