@@ -1,7 +1,7 @@
 """Dense hard negatives: mine a BEIR split's negatives with the model itself.
 
-    python -m llara_fast.mine --beir DIR --model M [--split train] [--rank-range 30:200] [--k 7] \\
-        [--embeddings EMB] --out pairs.jsonl
+    python -m llara_fast.mine --beir DIR --model M [--split train] [--rank-range 30:200] [--k 15] \\
+        [--embeddings EMB] --out pairs.jsonl [--overwrite]
 
 The corpus is encoded as a passage (or read from ``--embeddings``, the shards of
 ``llara_fast.encode --corpus`` made by the same model), each query of the split as a query,
@@ -21,7 +21,7 @@ from collections import Counter
 
 import numpy as np
 
-from llara_fast.data.pairs import Ranker, beir_to_pairs, parse_rank_range, write_pairs
+from llara_fast.data.pairs import MINED_NEGATIVES, Ranker, beir_to_pairs, check_out, parse_rank_range, write_pairs
 from llara_fast.encode import Encoder, read_embeddings
 from llara_fast.errors import UserError
 from llara_fast.evaluate import search
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--revision", default="main", help="branch, tag or commit of a Hub model id (default main)")
     ap.add_argument("--split", default="train")
     ap.add_argument("--rank-range", default=DEFAULT_RANGE, help=f"LO:HI, the ranks LO+1..HI (default {DEFAULT_RANGE})")
-    ap.add_argument("--k", type=int, default=7, help="negatives per query")
+    ap.add_argument("--k", type=int, default=MINED_NEGATIVES, help=f"negatives per query (default {MINED_NEGATIVES})")
     ap.add_argument("--seed", type=int, default=0, help="of the draw inside the window")
     ap.add_argument("--embeddings", help="corpus embeddings of `llara_fast.encode --corpus` (same model)")
     ap.add_argument("--max-len", type=int, default=512, help="text tokens kept per passage / query")
@@ -71,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out", required=True, help="output JSONL (FlagEmbedding format)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     counts: Counter = Counter()
     try:
         window = parse_rank_range(a.rank_range)
+        check_out(a.out, a.overwrite)
         enc = Encoder.from_pretrained(a.model, attn_backend=a.attn, revision=a.revision, max_len=a.max_len,
                                       device=a.device)
         records = beir_to_pairs(a.beir, a.split, dense_ranker(enc, a.embeddings, not a.quiet, os.path.join(a.beir, "corpus.jsonl")), a.k, a.seed, counts,

@@ -1,7 +1,7 @@
 """Contrastive fine-tuning pairs: the FlagEmbedding JSONL, and a BEIR -> pairs converter.
 
     python -m llara_fast.data.pairs --beir DIR [--split train] [--negatives bm25|random] \\
-        [--k 7] [--seed 0] [--rank-range LO:HI] --out FILE.jsonl
+        [--k 15] [--seed 0] [--rank-range LO:HI] --out FILE.jsonl [--overwrite]
     python -m llara_fast.data.pairs --beir DIR --mining dense --model M [--rank-range 30:200] --out FILE.jsonl
 
 Format (FlagEmbedding's fine-tuning data, read unchanged): one JSON object per line,
@@ -62,6 +62,11 @@ except ImportError:  # only the "bm25" negatives need it
 
 WARN_FIRST = 5          # bad records reported one by one; the rest only counted
 BM25_EXTRA_HITS = 5     # hits retrieved beyond k + positives, to absorb same-text duplicates
+# Negatives mined per query from a BEIR split when none is said (pairs --k, mine --k, finetune's
+# data.mined): 15, as FlagEmbedding's hard-negative mining is run for its fine-tuning data
+# (hn_mine --negative_number 15). The fine-tuner draws data.negatives of them per query and
+# epoch (the released train_group_size 8 takes 7), so a pool above one group varies them.
+MINED_NEGATIVES = 15
 # A ranker: (corpus ids, corpus texts, query texts, depth) -> the top `depth` corpus indices per query.
 Ranker = Callable[[list[str], list[str], list[str], int], list[list[int]]]
 
@@ -184,6 +189,12 @@ def write_pairs(pairs: Iterable[Pair | dict], path: str | os.PathLike) -> int:
     return n
 
 
+def check_out(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing output file unless ``overwrite`` (--overwrite), before any work."""
+    if Path(path).exists() and not overwrite:
+        raise UserError(f"{path}: exists (pass --overwrite to replace it)")
+
+
 # ---- BEIR -> pairs ----------------------------------------------------------------------------
 def bm25_search(doc_texts: list[str], query_texts: list[str], depth: int) -> tuple[np.ndarray, np.ndarray]:
     """BM25 (bm25s, English stop words): the top ``depth`` corpus indices per query, best first,
@@ -233,7 +244,8 @@ def parse_rank_range(s: str | None) -> tuple[int, int] | None:
     return int(lo), int(hi)
 
 
-def beir_to_pairs(beir_dir: str | os.PathLike, split: str = "train", negatives: str | Ranker = "bm25", k: int = 7,
+def beir_to_pairs(beir_dir: str | os.PathLike, split: str = "train", negatives: str | Ranker = "bm25",
+                  k: int = MINED_NEGATIVES,
                   seed: int = 0, counts: Counter | None = None, rank_range: tuple[int, int] | None = None) -> list[dict]:
     """One record {"query", "pos", "neg", "query_id", "pos_ids", "neg_ids"} per query of the split
     with a relevant document in the corpus; ``negatives``: "bm25", "random" or a Ranker; see the
@@ -311,7 +323,7 @@ class FinetuneDataConfig:
     beir: str = opt("", "or a BEIR directory, converted on the fly")
     split: str = opt("train", "BEIR split to train on")
     mining: str = opt("bm25", "BEIR negatives: bm25 (hard) or random", ("bm25", "random"))
-    mined: int = opt(15, "BEIR negatives mined per query (data.negatives are sampled from them)")
+    mined: int = opt(MINED_NEGATIVES, "BEIR negatives mined per query (data.negatives are sampled from them)")
     limit: int = opt(0, "first N records (0: all)")
     queries: int = opt(4, "queries per micro-batch and rank")
     negatives: int = opt(3, "hard negatives per query (group = 1 + negatives)")
@@ -368,16 +380,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="with --mining dense: the model that ranks (preset, HF dir, checkpoint, Hub id)")
     p.add_argument("--revision", default="main", help="with --mining dense: branch, tag or commit of a Hub --model")
     p.add_argument("--embeddings", help="with --mining dense: the corpus's shards from llara_fast.encode --corpus")
-    p.add_argument("--k", type=int, default=7, help="negatives per query; default 7")
+    p.add_argument("--k", type=int, default=MINED_NEGATIVES, help=f"negatives per query (default {MINED_NEGATIVES})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random negatives; default 0")
     p.add_argument("--rank-range", help="draw the negatives from the BM25 hits at ranks LO+1..HI, e.g. 10:100")
     p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a = p.parse_args(argv)
     if a.negatives == "dense":
         return _run_dense_miner(p, a)
     t0 = time.perf_counter()
     counts: Counter = Counter()
     try:
+        check_out(a.out, a.overwrite)
         records = beir_to_pairs(a.beir, a.split, a.negatives, a.k, a.seed, counts, parse_rank_range(a.rank_range))
         write_pairs(records, a.out)
     except UserError as e:
@@ -398,6 +412,7 @@ def _run_dense_miner(p: argparse.ArgumentParser, a) -> int:
            "--revision", a.revision, "--k", str(a.k), "--seed", str(a.seed), "--out", a.out]
     cmd += ["--rank-range", a.rank_range] if a.rank_range else []
     cmd += ["--embeddings", a.embeddings] if a.embeddings else []
+    cmd += ["--overwrite"] if a.overwrite else []
     return subprocess.call(cmd)
 
 

@@ -212,6 +212,33 @@ def test_cli_writes_readable_pairs(beir_dir, tmp_path, capsys):
     assert counts["kept"] == 3 and pairs[0] == Pair("zebra stripes flies", [_text("d1")], [_text("d2"), _text("d6")])
 
 
+def test_cli_refuses_an_existing_out_unless_overwrite(beir_dir, tmp_path, capsys):
+    """As prepare and export refuse a non-empty --out: an existing file is kept (said before any
+    work) unless --overwrite."""
+    out = tmp_path / "pairs.jsonl"
+    out.write_text("mine\n")
+    assert main(["--beir", str(beir_dir), "--k", "2", "--out", str(out)]) == 2
+    assert f"{out}: exists (pass --overwrite to replace it)" in capsys.readouterr().err
+    assert out.read_text() == "mine\n"
+    assert main(["--beir", str(beir_dir), "--k", "2", "--out", str(out), "--overwrite"]) == 0
+    assert len(read_pairs(out)) == 3
+
+
+def test_one_default_number_of_mined_negatives(capsys):
+    """pairs --k, mine --k, beir_to_pairs and finetune's data.mined all read MINED_NEGATIVES."""
+    import inspect
+
+    from llara_fast.data.pairs import MINED_NEGATIVES, FinetuneDataConfig
+    from llara_fast.mine import main as mine_main
+
+    assert inspect.signature(beir_to_pairs).parameters["k"].default == MINED_NEGATIVES
+    assert FinetuneDataConfig().mined == MINED_NEGATIVES
+    for cli in (main, mine_main):
+        with pytest.raises(SystemExit):
+            cli(["--help"])
+        assert f"(default {MINED_NEGATIVES})" in " ".join(capsys.readouterr().out.split())
+
+
 # ---- the real SciFact train split -------------------------------------------------------------
 def _jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
