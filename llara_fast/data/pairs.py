@@ -245,8 +245,8 @@ def parse_rank_range(s: str | None) -> tuple[int, int] | None:
 
 
 def beir_to_pairs(beir_dir: str | os.PathLike, split: str = "train", negatives: str | Ranker = "bm25",
-                  k: int = MINED_NEGATIVES,
-                  seed: int = 0, counts: Counter | None = None, rank_range: tuple[int, int] | None = None) -> list[dict]:
+                  k: int = MINED_NEGATIVES, seed: int = 0, counts: Counter | None = None,
+                  rank_range: tuple[int, int] | None = None) -> list[dict]:
     """One record {"query", "pos", "neg", "query_id", "pos_ids", "neg_ids"} per query of the split
     with a relevant document in the corpus; ``negatives``: "bm25", "random" or a Ranker; see the
     module docstring for the negatives and the rank window."""
