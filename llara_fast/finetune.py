@@ -79,7 +79,7 @@ def run(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.run.seed)
     m.revision = pin_revision(m.name, m.revision)  # config.toml records the Hub commit: a resume loads the same
     model, tokenizer, prompts = load(m.name, m.attn, tokenizer=m.tokenizer or None, random_init=m.random_init,
-                                     layers=m.layers, seed=cfg.run.seed, revision=m.revision)
+                                     layers=m.layers, seed=cfg.run.seed, revision=m.revision, notice=False)
     template = Template.from_tokenizer(tokenizer, prompts)
     source = f"{m.name} + llara_fast.finetune"
     if cfg.eval.beir:

@@ -55,7 +55,7 @@ def run(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.run.seed)
     m.revision = pin_revision(m.name, m.revision)  # config.toml records the Hub commit: a resume loads the same
     model, tokenizer, _ = load(m.name, m.attn, tokenizer=m.tokenizer or None, random_init=m.random_init,
-                               layers=m.layers, seed=cfg.run.seed, revision=m.revision)
+                               layers=m.layers, seed=cfg.run.seed, revision=m.revision, notice=False)
     loader = llara_loader(cfg, tokenizer, Template.from_tokenizer(tokenizer), trainer.rank, trainer.world)
     trainer.set_epochs(EpochClock(loader.epoch_micro_batches, d.grad_accum * trainer.world,
                                   f"{len(loader.dataset):,} examples in {loader.epoch_micro_batches(0):,} "

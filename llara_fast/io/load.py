@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import tomllib
@@ -34,12 +35,14 @@ from llara_fast.templates import SPECIAL_TOKENS, PromptConfig, Template
 
 
 def load(spec: str, attn_backend: str = "auto", *, tokenizer: str | None = None, random_init: bool = False,
-         layers: int = 0, seed: int = 0, revision: str = "main") -> tuple[Transformer, object, PromptConfig]:
+         layers: int = 0, seed: int = 0, revision: str = "main",
+         notice: bool = True) -> tuple[Transformer, object, PromptConfig]:
     """(model, tokenizer, prompts). ``tokenizer``: another tokenizer for a preset without weights
     (default: SmolLM2's) or for any source; ``random_init``: a preset's shape from random weights
     (speed runs without the weights package); ``layers``: keep the first L blocks (0: all; a
     random model is built with L blocks directly); ``seed``: the random init; ``revision``: the
-    branch, tag or commit of a Hub model id."""
+    branch, tag or commit of a Hub model id; ``notice``: say random weights in one stderr line
+    (rank 0; the training jobs say it in their own log and pass False)."""
     spec = str(run_checkpoint(spec))
     if is_training_checkpoint(spec):
         if tokenizer or random_init:
@@ -57,6 +60,11 @@ def load(spec: str, attn_backend: str = "auto", *, tokenizer: str | None = None,
         args.n_layers = layers or args.n_layers
         model = Transformer(args, attn_backend=attn_backend)
         model.init_weights(seed=seed)
+        if notice and int(os.environ.get("RANK", "0")) == 0:
+            why = ("a preset without shipped weights" if PRESETS[spec].weights is None
+                   else "random_init asked for them")
+            print(f"model: random weights (preset {spec}'s shape, seed {seed}): {why}; pass an HF directory, .gguf "
+                  "or Hub id for trained weights", file=sys.stderr, flush=True)
         tok_src = tokenizer_source(tokenizer) if tokenizer else resolve_source("smollm2-135m")
     else:
         model = keep_layers(load_hf_model(src, attn_backend=attn_backend), layers)

@@ -114,7 +114,26 @@ def test_finetune_prints_no_python_warning(tmp_path, in_process_group, recwarn, 
     assert finetune_main(["--model.name", "debug", "--model.random_init", "true", "--data.train", str(data), "--data.queries", "2",
                           "--data.negatives", "1", "--data.max_bad_fraction", "0.5", "--run.steps", "1",
                           "--run.out_dir", str(tmp_path / "run"), "--run.export", "false"]) == 0
-    err = capfd.readouterr().err
+    out, err = capfd.readouterr()
     assert f"{data}:1: bad_type:query:str (record skipped)" in err
+    assert (out + err).count("model: random weights") == 1  # the job's own line, not load()'s too
     assert [str(w.message) for w in recwarn] == []
     assert not re.search(r"\.py:\d+: \w*Warning", err), err
+
+
+def test_a_preset_without_weights_says_random_weights(tmp_path, capsys):
+    """encode / evaluate / mine / export on a preset without weights: one stderr line says the
+    weights are random (load() says it; trained weights load silently)."""
+    from llara_fast.encode import main as encode_main
+    from llara_fast.io.export import main as export_main
+
+    want = ("model: random weights (preset debug's shape, seed 0): a preset without shipped weights; pass an HF "
+            "directory, .gguf or Hub id for trained weights")
+    assert not encode_main(["--model", "debug", "--attn", "sdpa", "--text", "a llama"])
+    assert [ln for ln in capsys.readouterr().err.splitlines() if "weights" in ln] == [want]  # (and progress bars)
+    assert export_main(["--checkpoint", "debug", "--out", str(tmp_path / "exp")]) == 0
+    assert one_line(capsys.readouterr().err) == want
+    load(str(tmp_path / "exp"))  # the export's weights are the model's own now
+    assert "random weights" not in capsys.readouterr().err
+    load("debug", notice=False)
+    assert capsys.readouterr().err == ""
