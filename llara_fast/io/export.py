@@ -194,10 +194,23 @@ def _version(dist_name: str) -> str | None:
         return None
 
 
+def public_source(source: str) -> str:
+    """The source as a model card shows it: every absolute local path in it cut to what names the
+    model without the machine's layout, a checkpoint as RUN/checkpoints/step_N, anything else by
+    its basename; presets, Hub ids and relative paths stay as given."""
+    def short(word: str) -> str:
+        p = Path(word)
+        if not p.is_absolute():
+            return word
+        return str(Path(*p.parts[-3:])) if p.parent.name == "checkpoints" else p.name
+    return " ".join(short(w) for w in source.split(" "))
+
+
 def model_card(tokenizer, template: Template, prompts: PromptConfig, source: str | None,
                dtype: torch.dtype, max_len: int = 512, source_revision: str | None = None) -> str:
     """README.md: what the model is and the encode recipe that reproduces llara_fast's embeddings."""
     K = prompts.n_special
+    source = public_source(source) if source else source  # a card is published: no local layout in it
     sum_suffix, pred_suffix = prompts.sum_string(), prompts.pred_string()
     with_specials = tokenizer(sum_suffix)["input_ids"]
     bos_first = len(with_specials) == len(template.sum_ids) + 1 and with_specials[1:] == list(template.sum_ids)

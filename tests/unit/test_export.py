@@ -124,6 +124,17 @@ def test_untrained_export_is_source_plus_16_rows(tmp_path, base_tokenizer):
     assert meta["prompts"]["n_special"] == 8 and meta["sum_ids"][-8:] == list(range(V, V + 8))
     card = (out / "README.md").read_text()
     assert "add_special_tokens=False" in card and "would drop a real token" in card
+    assert "from `src`" in card and str(tmp_path) not in card  # a card is published: no local paths
+
+
+def test_card_source_has_no_local_layout():
+    from llara_fast.io.export import public_source
+
+    assert public_source("/data/me/runs/a/checkpoints/step_0000012 + llara_fast.finetune") == (
+        "a/checkpoints/step_0000012 + llara_fast.finetune")
+    assert public_source("/data/me/models/base (step 4, best ndcg@10)") == "base (step 4, best ndcg@10)"
+    for kept in ("smollm2-135m + llara_fast.pretrain", "ORG/NAME", "runs/default/checkpoints/step_0000012"):
+        assert public_source(kept) == kept
 
 
 def test_export_bf16_sharded_tied(tmp_path, base_tokenizer):
@@ -181,6 +192,8 @@ def test_export_training_checkpoint(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     ckpt = next((tmp_path / "run" / "checkpoints").glob("step_*"))
     assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"from `run/checkpoints/{ckpt.name}`" in card and str(tmp_path) not in card
     dcp_to_torch_save(ckpt, tmp_path / "ck.pt")
     saved = torch.load(tmp_path / "ck.pt", weights_only=False)["model"]
     want = ours_to_hf({k.removeprefix("model."): v for k, v in saved.items()})
