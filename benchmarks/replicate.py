@@ -1,11 +1,11 @@
 """The paper's claim replicated at small scale (issue #19): does LLaRA adaptation (EBAE + EBAR)
-make SmolLM2-135M a better starting point for a fine-tuned retriever?
+make SmolLM2-135M-Instruct (the smollm2-135m preset) a better starting point for a fine-tuned retriever?
 
     python benchmarks/replicate.py --scale cpu --out runs/replicate      # ~1.5 h on 2 CPU cores
     python benchmarks/replicate.py --scale gpu --out runs/replicate-gpu  # one GPU
 
 One command, identical settings for every arm:
-1. adaptation of the real SmolLM2-135M on the whole Wikipedia sample (all 10,033 lead paragraphs,
+1. adaptation of SmolLM2-135M-Instruct on the whole Wikipedia sample (all 10,033 lead paragraphs,
    chunked; EBAR's target = the next chunk), prepared once, one `python -m llara_fast.pretrain`
    run per objective (the ARMS below: the released recipe, the paper's, EBAE only, EBAR only);
 2. contrastive fine-tuning (`python -m llara_fast.finetune`) of the base and of each adapted model
@@ -169,7 +169,7 @@ def report(a, res: dict, bm25: dict, seeds: list[int]) -> str:
         "| BM25 | " + " | ".join(f"{bm25[m]:.4f}" for m in METRICS) + " |",
     ]
     for start in ["base", *a.arms]:
-        label = "base SmolLM2-135M" if start == "base" else f"adapted: {ARMS[start][0]}"
+        label = "base SmolLM2-135M-Instruct" if start == "base" else f"adapted: {ARMS[start][0]}"
         lines.append(f"| {label} | " + " | ".join(f"{zs[start][m]:.4f}" for m in METRICS) + " |")
     for start in ["base", *a.arms]:
         label = "base + FT" if start == "base" else f"adapted ({start}) + FT"

