@@ -45,6 +45,11 @@ def commands(body: str) -> list[str]:
     return out
 
 
+def without_setup(cmd: str) -> str:
+    """The command less its setup steps (``./scripts/setup.sh && source ... && python ...``)."""
+    return " && ".join(part for part in cmd.split(" && ") if part.strip() not in SETUP)
+
+
 def small(cmd: str) -> str:
     """The command with the test's limits appended (unchanged for any other command)."""
     m = re.search(r"-m (llara_fast[\w.]*)", cmd)
@@ -62,7 +67,8 @@ def test_blocks_are_found():
     for needed in ("-m llara_fast.pretrain", "-m llara_fast.data.prepare", "-m llara_fast.finetune",
                    "-m llara_fast.evaluate", "-m llara_fast.data.pairs", "torchrun --nproc_per_node 2"):
         assert any(needed in c for c in cmds), needed
-    assert not any("../shared" in c for c in cmds)  # a user's clone has no ../shared
+    assert not any("../shared" in c for c in cmds)
+    assert without_setup(cmds[0]) == "python -m llara_fast.pretrain"  # the README's first line: setup, then the job  # a user's clone has no ../shared
     assert small("python -m llara_fast.pretrain --run.out_dir r").endswith("--model.random_init true")
     assert "debug" not in small("python -m llara_fast.finetune --model.name runs/default")
 
@@ -86,7 +92,7 @@ def test_readme_commands_run_as_written(tmp_path):
             (tmp_path / f"block{i}.py").write_text(body)
             todo = [f"python {shlex.quote(str(tmp_path / f'block{i}.py'))}"]
         else:
-            todo = [small(c) for c in commands(body) if c not in SETUP]
+            todo = [small(c) for c in map(without_setup, commands(body)) if c]
         for cmd in todo:
             p = subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True, timeout=400)
             assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
