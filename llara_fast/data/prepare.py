@@ -55,6 +55,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -332,12 +333,23 @@ def _pool_block(block: Block) -> BlockResult:
     return _pool_worker.run(block)
 
 
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
 def default_workers() -> int:
-    """The cores this process may run on (its CPU affinity), else all of the machine's."""
+    """The cores this process may use: its CPU affinity (else all of the machine's), capped by a
+    cgroup v2 CPU quota (a container limited to 4 CPUs on a 64-core host gets 4)."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        n = len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path(CGROUP_CPU_MAX).read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 @contextlib.contextmanager

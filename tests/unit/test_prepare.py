@@ -398,3 +398,15 @@ def test_in_flight_blocks_bounded(tmp_path):
         got += 1
         assert res.records == 2 and len(pulled) - got <= 2 * 2 - 1
     assert got == len(pulled) == 20
+
+
+def test_default_workers_are_the_usable_cores(tmp_path, monkeypatch):
+    """Default --workers: the CPU affinity, capped by a cgroup v2 quota (rounded up)."""
+    monkeypatch.setattr(P.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(P, "CGROUP_CPU_MAX", str(tmp_path / "none"))
+    assert P.default_workers() == 8
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(P, "CGROUP_CPU_MAX", str(quota))
+    for text, want in (("max 100000\n", 8), ("250000 100000\n", 3), ("50000 100000\n", 1), ("2000000 100000", 8)):
+        quota.write_text(text)
+        assert P.default_workers() == want, text
