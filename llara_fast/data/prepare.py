@@ -2,7 +2,7 @@
 
     python -m llara_fast.data.prepare --input PATH --format {llara-jsonl,text,wiki-sample} \\
         [--tokenizer MODEL] [--cutoff-len N | --max-len N] --out DIR [--target-max-len N]
-        [--remove-stopwords] [--chunk-tokens N]
+        [--remove-stopwords] [--chunk-tokens N] [--workers N] [--block-mb M]
 
 Formats (a file, or a directory whose files are read in sorted order):
 - ``llara-jsonl``: the released LLaRA data, one {"input", "output_summarize", "output_predict"}
@@ -38,24 +38,32 @@ counted as ``truncated``. Blank JSONL lines are not records (counted as blank_li
 bad records exceed ``max_bad_fraction`` of the records seen (checked from 1,000 records on,
 and at the end), prepare stops with an error naming the file and line.
 
-Tokenisation runs in ``workers`` processes (default: all cores) on batches of records,
-results are written in input order (the output does not depend on the worker count), at
-most 2 x workers batches are in flight and shards are appended on disk, so memory stays
-bounded whatever the corpus size. Output goes to DIR.tmp-PID and is renamed to DIR at the end.
+Work: the input files are cut into line-aligned blocks of about ``--block-mb`` MiB (a .txt
+file's after a blank line); each of ``--workers`` processes (default: the cores this process
+may use) reads, parses and tokenises whole blocks and returns flat token arrays, so the driver
+only appends bytes and counts per block: its cost does not grow with the examples, and prepare
+scales with the cores. Results are written in input order and shards, counts and messages are
+those of one process reading the records in batches of 256 (the output does not depend on the
+worker count or the block size). At most 2 x workers blocks are in flight and shards are
+appended on disk, so memory stays bounded whatever the corpus size. Output goes to
+DIR.tmp-PID and is renamed to DIR at the end. ``benchmarks/bench_prepare.py`` measures it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -64,13 +72,16 @@ from tqdm import tqdm
 
 from llara_fast.config import DEFAULT_MODEL
 from llara_fast.data.records import (
+    BadRecordCheck,
+    Block,
     PrepareError,
     Record,
     batches,
-    check_bad_fraction,
+    block_records,
     decode_record,
     is_bad,
-    iter_records,
+    plan_blocks,
+    read_block,
 )
 from llara_fast.data.shards import FORMAT_VERSION, ShardWriter, token_dtype_for, tokenizer_fingerprint, write_manifest
 from llara_fast.data.text import doc_chunks, remove_control_chars, remove_stopwords
@@ -111,8 +122,9 @@ class PrepareOptions:
     remove_stopwords: bool = False     # the released rule on target texts (data.text.remove_stopwords)
     chunk_tokens: int | None = None    # text / wiki-sample chunk size (default: TEXT cap; 48 for wiki-sample)
     max_bad_fraction: float = 0.01
-    workers: int | None = None         # tokenising processes (default: all cores)
-    batch_records: int = 256
+    workers: int | None = None         # processes reading and tokenising blocks (default: the usable cores)
+    batch_records: int = 256           # records per tokenizer call (and per bad-record check)
+    block_bytes: int = 1 << 20         # input bytes per block a worker reads and tokenises
     shard_examples: int = 100_000
     limit: int | None = None           # read at most this many records (None or 0: all)
     revision: str = "main"             # branch, tag or commit of a Hub tokenizer id
@@ -123,34 +135,47 @@ class PrepareOptions:
 
 @dataclass(frozen=True)
 class Job:
-    """What every batch of one preparation needs (sent once to each worker process)."""
+    """What every block of one preparation needs (sent once to each worker process)."""
     fmt: str
     tok_path: str
     prompts: PromptConfig
     lengths: Lengths          # TEXT cap, target cap, cutoff (Lengths.resolve)
     chunk_tokens: int
     remove_stopwords: bool
+    token_dtype: str = "uint16"
+    batch_records: int = 256  # records per tokenizer call
 
 
 @dataclass
-class BatchResult:
-    text: list = field(default_factory=list)      # per example: np arrays
+class BlockResult:
+    """A block's examples, ready to append: flat token arrays (the shard dtype) and lengths."""
+    text: list = field(default_factory=list)      # per example: np arrays, until finish() flattens them
     sums: list = field(default_factory=list)
     preds: list = field(default_factory=list)
     counters: Counter = field(default_factory=Counter)
-    bad: list = field(default_factory=list)       # (loc, reason), the first few of the batch
+    bad: list = field(default_factory=list)       # every bad record: (index in the block, stage, loc, reason)
+    rec_examples: list = field(default_factory=list)  # examples per record
     records: int = 0
+    lines: int = 0       # newlines in the block: the next block of the file starts that many lines later
+    more: bool = False   # max_records were read and the block holds another record
+    arrays: tuple = ()   # text, text_lens, sum, sum_lens, pred, pred_lens
 
-    def flat(self):
+    def bad_record(self, index: int, stage: int, loc, reason: str) -> None:
+        self.counters[reason] += 1
+        self.bad.append((index, stage, loc, reason))
+
+    def finish(self, dtype: np.dtype) -> None:
+        info = np.iinfo(dtype)
+
         def csr(arrs):
             lens = np.fromiter((len(a) for a in arrs), dtype=np.int64, count=len(arrs))
-            return (np.concatenate(arrs) if arrs else np.zeros(0, np.int64)), lens
-        return (*csr(self.text), *csr(self.sums), *csr(self.preds))
-
-    def bad_record(self, loc: str, reason: str) -> None:
-        self.counters[reason] += 1
-        if len(self.bad) < 8:
-            self.bad.append((loc, reason))
+            flat = np.concatenate(arrs) if arrs else np.zeros(0, np.int64)
+            if flat.size and (flat.min() < 0 or flat.max() > info.max):
+                raise ValueError(f"token id out of range for {dtype}")  # a bug: the dtype is the vocabulary's
+            return flat.astype(dtype), lens
+        self.arrays = (*csr(self.text), *csr(self.sums), *csr(self.preds))
+        self.text, self.sums, self.preds = [], [], []
+        self.rec_examples = np.asarray(self.rec_examples, dtype=np.int64)
 
 
 class BatchWorker:
@@ -206,8 +231,8 @@ class BatchWorker:
         dict.fromkeys keeps it in C for the short lists here."""
         return np.array([t for t in dict.fromkeys(ids) if t not in self.excluded], dtype=np.int64)
 
-    def add_example(self, res: BatchResult, text_ids, sum_ids, pred_ids) -> None:
-        """One example: the passage cut to the TEXT cap, the target ids (already cut) as sets."""
+    def add_example(self, res: BlockResult, index: int, text_ids, sum_ids, pred_ids) -> None:
+        """One example of record ``index``: the passage cut to the TEXT cap, the target ids (already cut) as sets."""
         cap = self.job.lengths.text
         if len(text_ids) > cap:
             res.counters["truncated"] += 1
@@ -217,11 +242,29 @@ class BatchWorker:
         res.text.append(np.asarray(text_ids[:cap], dtype=np.int64))
         res.sums.append(st)
         res.preds.append(pt)
+        res.rec_examples[index] += 1
 
-    def __call__(self, records: list[Record]) -> BatchResult:
-        res = BatchResult(records=len(records))
-        docs = []  # (loc, fields)
-        for rec in records:
+    def run(self, block: Block) -> BlockResult:
+        """Read, parse and tokenise one block, in batches of ``batch_records`` records."""
+        res = BlockResult()
+        data = read_block(block) if block.records is None else None
+        res.lines = data.count(b"\n") if data is not None else 0
+        recs = block_records(block, data, res.counters)
+        taken = recs if block.max_records is None else islice(recs, block.max_records)
+        for batch in batches(taken, self.job.batch_records, None):
+            self._batch(batch, res)
+        if block.max_records is not None and res.records == block.max_records:
+            res.more = next(recs, None) is not None  # as reading one record past the limit did (blank lines counted)
+        res.finish(np.dtype(self.job.token_dtype))
+        return res
+
+    def _batch(self, records: list[Record], res: BlockResult) -> None:
+        """Bad records are tagged with the stage that found them: 0 decoding, 1 tokenising, 2 targets."""
+        base = res.records
+        res.records += len(records)
+        res.rec_examples.extend([0] * len(records))
+        docs = []  # (index, loc, fields)
+        for i, rec in enumerate(records, base):
             fields_, reason = decode_record(rec, self.job.fmt)
             if reason is None:
                 cleaned = [remove_control_chars(f) for f in fields_]
@@ -230,54 +273,53 @@ class BatchWorker:
             if reason is None and not fields_[0].strip():
                 reason = "empty_text"
             if reason is not None:
-                res.bad_record(rec.loc, reason)
+                res.bad_record(i, 0, rec.loc, reason)
             else:
-                docs.append((rec.loc, fields_))
+                docs.append((i, rec.loc, fields_))
         (self._llara_examples if self.job.fmt == "llara-jsonl" else self._text_examples)(docs, res)
-        return res
 
-    def _llara_examples(self, docs, res: BatchResult) -> None:
-        inputs = self.encode([f[0] for _, f in docs])
-        sums = self.targets([f[1] for _, f in docs])
-        preds = self.targets([f[2] for _, f in docs])
-        for (loc, _), x, s, p in zip(docs, inputs, sums, preds):
+    def _llara_examples(self, docs, res: BlockResult) -> None:
+        inputs = self.encode([f[0] for *_, f in docs])
+        sums = self.targets([f[1] for *_, f in docs])
+        preds = self.targets([f[2] for *_, f in docs])
+        for (i, loc, _), x, s, p in zip(docs, inputs, sums, preds):
             if x is None or s is None or p is None:
-                res.bad_record(loc, "tokenizer_error")
+                res.bad_record(i, 1, loc, "tokenizer_error")
             elif len(x) == 0:  # e.g. only characters the tokenizer drops
-                res.bad_record(loc, "empty_text")
+                res.bad_record(i, 1, loc, "empty_text")
             else:
-                self.add_example(res, x, s, p)
+                self.add_example(res, i, x, s, p)
 
-    def _text_examples(self, docs, res: BatchResult) -> None:
+    def _text_examples(self, docs, res: BlockResult) -> None:
         """Documents -> chunks cut from ONE tokenisation of each document (offsets mapping)."""
-        docs = [(loc, f[0].strip()) for loc, f in docs]  # surrounding whitespace/newlines carry nothing
+        docs = [(i, loc, f[0].strip()) for i, loc, f in docs]  # surrounding whitespace/newlines carry nothing
         pieces = []  # per document: list of (chunk ids, chunk text), or None
-        for (loc, text), enc in zip(docs, self.encode_offsets([t for _, t in docs])):
+        for (i, loc, text), enc in zip(docs, self.encode_offsets([t for *_, t in docs])):
             chunks = None
             if enc is None:
-                res.bad_record(loc, "tokenizer_error")
+                res.bad_record(i, 1, loc, "tokenizer_error")
             else:
                 ids, offsets = enc
                 chunks = [(ids[t0:t1], text[a:b]) for t0, t1, a, b in doc_chunks(text, ids, offsets,
                                                                                    self.job.chunk_tokens)]
                 if not chunks:
-                    res.bad_record(loc, "empty_text")
+                    res.bad_record(i, 1, loc, "empty_text")
                     chunks = None
             pieces.append(chunks)
         if self.job.remove_stopwords:
             tgt_iter = iter(self.targets([t for p in pieces if p for _, t in p]))
-        for (loc, _), chunks in zip(docs, pieces):
+        for (i, loc, _), chunks in zip(docs, pieces):
             if chunks is None:
                 continue
             tgts = ([next(tgt_iter) for _ in chunks] if self.job.remove_stopwords
                     else [self.chunk_target(ids) for ids, _ in chunks])
             if any(t is None for t in tgts):
-                res.bad_record(loc, "tokenizer_error")
+                res.bad_record(i, 2, loc, "tokenizer_error")
                 continue
             res.counters["documents"] += 1
             res.counters["no_next_chunk"] += 1
-            for i, (ids, _) in enumerate(chunks):
-                self.add_example(res, ids, tgts[i], tgts[i + 1] if i + 1 < len(chunks) else [])
+            for k, (ids, _) in enumerate(chunks):
+                self.add_example(res, i, ids, tgts[k], tgts[k + 1] if k + 1 < len(chunks) else [])
 
 
 _pool_worker: BatchWorker | None = None  # the BatchWorker of a pool's worker process (set by its initializer)
@@ -285,31 +327,69 @@ _pool_worker: BatchWorker | None = None  # the BatchWorker of a pool's worker pr
 
 def _init_pool_worker(job: Job) -> None:
     global _pool_worker
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _pool_worker = BatchWorker(job)
 
 
-def _pool_batch(records: list[Record]) -> BatchResult:
-    return _pool_worker(records)
+def _pool_block(block: Block) -> BlockResult:
+    return _pool_worker.run(block)
 
 
-def _results(job: Job, batches: Iterator[list[Record]], workers: int) -> Iterator[BatchResult]:
-    """Batch results in input order: in this process, or in ``workers`` processes with at most
-    2 x workers batches in flight (bounded memory)."""
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def default_workers() -> int:
+    """The cores this process may use: its CPU affinity (else all of the machine's), capped by a
+    cgroup v2 CPU quota (a container limited to 4 CPUs on a 64-core host gets 4)."""
+    try:
+        n = len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path(CGROUP_CPU_MAX).read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+@contextlib.contextmanager
+def _one_thread_tokenizer():
+    """The fast tokenizer's batch calls on one thread (each worker is one core; restored after)."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _results(job: Job, blocks: Iterator[Block], workers: int, cap) -> Iterator[tuple[Block, BlockResult]]:
+    """(block, result) in input order: in this process, or in ``workers`` processes with at most
+    2 x workers blocks in flight (bounded memory). Each block is read with ``max_records=cap()``
+    at the time it is handed out."""
     if workers <= 1:
         worker = BatchWorker(job)
-        yield from (worker(b) for b in batches)
+        for b in blocks:
+            b = replace(b, max_records=cap())
+            yield b, worker.run(b)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=(job,))
     try:
         pending: deque = deque()
-        for b in batches:
-            pending.append(pool.apply_async(_pool_batch, (b,)))
+        for b in blocks:
+            b = replace(b, max_records=cap())
+            pending.append((b, pool.apply_async(_pool_block, (b,))))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                b, r = pending.popleft()
+                yield b, r.get()
         while pending:
-            yield pending.popleft().get()
+            b, r = pending.popleft()
+            yield b, r.get()
     finally:
         pool.terminate()
         pool.join()
@@ -322,6 +402,8 @@ def _resolve_job(input, fmt: str, tokenizer, max_len: int | None, out: Path,
         raise PrepareError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if input is None and fmt != "wiki-sample":
         raise PrepareError(f"--input is required for format {fmt}")
+    if opts.block_bytes < 1:
+        raise PrepareError("block_bytes must be >= 1")
     if opts.chunk_tokens is not None and opts.chunk_tokens < 1:
         raise PrepareError("chunk_tokens must be >= 1")
     if input is not None and not Path(input).exists():
@@ -335,32 +417,56 @@ def _resolve_job(input, fmt: str, tokenizer, max_len: int | None, out: Path,
     except ValueError as e:
         raise PrepareError(str(e)) from None
     chunk = opts.chunk_tokens or (WIKI_SAMPLE_CHUNK_TOKENS if fmt == "wiki-sample" else lengths.text)
-    return Job(fmt, tok_path, opts.prompts, lengths, chunk, opts.remove_stopwords), tpl
+    dtype = token_dtype_for(len(_load_tokenizer(tok_path))).name
+    return Job(fmt, tok_path, opts.prompts, lengths, chunk, opts.remove_stopwords, dtype, opts.batch_records), tpl
 
 
-def _write(job: Job, records: Iterator[Record], writer: ShardWriter, opts: PrepareOptions, counters: Counter):
-    """Consume the records into the shard writer, counting; stops on too many bad records."""
-    seen = bad = examples = 0
-    first_bad: list = []
+class Sink:
+    """The driver's work per block result, in input order: resolve the bad records' lines, append
+    the arrays (shards closing where batches of ``batch_records`` records would close them), apply
+    the bad-record rule, count. Its cost does not grow with the examples (no per-example Python)."""
+
+    def __init__(self, writer: ShardWriter, opts: PrepareOptions, counters: Counter):
+        self.writer, self.counters = writer, counters
+        self.check = BadRecordCheck(opts.batch_records, opts.max_bad_fraction)
+        self.examples = 0
+        self.line0: dict = {}  # path -> the line number its next block starts at
+
+    def add(self, block: Block, res: BlockResult) -> None:
+        first = 1 if block.start == 0 else self.line0[block.path]
+        self.line0[block.path] = first + res.lines
+        bads = [(i, stage, loc if isinstance(loc, str) else f"{block.path}:{first + loc}", reason)
+                for i, stage, loc, reason in res.bad]
+        ex_ends = np.concatenate([[0], np.cumsum(res.rec_examples)])[self.check.batch_ends(res.records)]
+        self.writer.add(*res.arrays, ends=ex_ends)
+        self.check.add(res.records, bads)
+        self.counters.update(res.counters)
+        self.examples += len(res.arrays[1])
+
+
+def _write(job: Job, blocks: Iterator[Block], writer: ShardWriter, opts: PrepareOptions, counters: Counter):
+    """Consume the blocks' results into the shard writer, counting; stops on too many bad records.
+    A block that ran past ``limit`` (handed out before the records ahead of it were counted) is
+    read again here, up to the limit."""
+    limit = opts.limit or None
+    sink = Sink(writer, opts, counters)
+    cap = (lambda: max(limit - sink.check.seen, 0)) if limit else (lambda: None)
+    local = None
     bar = tqdm(desc=f"prepare {job.fmt}", unit="doc", file=sys.stderr, dynamic_ncols=True, disable=not opts.progress)
     try:
-        for res in _results(job, batches(records, opts.batch_records, opts.limit), opts.workers or os.cpu_count() or 1):
-            seen += res.records
-            nbad = sum(n for r, n in res.counters.items() if is_bad(r))
-            bad += nbad
-            counters.update(res.counters)
-            if res.bad and len(first_bad) < 8:
-                first_bad.extend(res.bad[:8 - len(first_bad)])
-            writer.add(*res.flat())
-            examples += len(res.text)
-            bar.update(res.records)
-            if nbad:
-                check_bad_fraction(seen, bad, opts.max_bad_fraction, res.bad[-1], first_bad, final=False)
+        with _one_thread_tokenizer():
+            for block, res in _results(job, blocks, opts.workers or default_workers(), cap):
+                if limit and res.records > limit - sink.check.seen:
+                    local = local or BatchWorker(job)
+                    res = local.run(replace(block, max_records=limit - sink.check.seen))
+                sink.add(block, res)
+                bar.update(res.records)
+                if limit and sink.check.seen >= limit and res.more:
+                    break
     finally:
         bar.close()
-    if first_bad:
-        check_bad_fraction(seen, bad, opts.max_bad_fraction, first_bad[-1], first_bad, final=True)
-    return seen, bad, examples
+    sink.check.finish()
+    return sink.check.seen, sink.check.bad, sink.examples
 
 
 def prepare(input: str | os.PathLike | None, fmt: str, tokenizer: str | os.PathLike, max_len: int | None,
@@ -385,14 +491,15 @@ def _prepare(input, fmt: str, tokenizer, max_len: int | None, out: Path, opts: P
         raise PrepareError(f"{out}: in use by {holder}; not touched")
     job, tpl = _resolve_job(input, fmt, tokenizer, max_len, out, opts)
     tok = _load_tokenizer(job.tok_path)
-    dtype = token_dtype_for(len(tok))
+    dtype = np.dtype(job.token_dtype)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     writer = ShardWriter(tmp, dtype, opts.shard_examples)
     counters: Counter = Counter()
     in_path = Path(input) if input is not None else None
     try:
-        seen, bad, examples = _write(job, iter_records(in_path, fmt, counters), writer, opts, counters)
+        blocks = plan_blocks(in_path, fmt, opts.block_bytes, opts.batch_records, opts.limit or None)
+        seen, bad, examples = _write(job, blocks, writer, opts, counters)
         if examples == 0:
             raise PrepareError(f"{in_path or fmt}: no examples ({seen} records read, {bad} bad)")
         shards = writer.close()
@@ -498,7 +605,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-tokens", type=int, help=f"text/wiki-sample chunk size (default: max-len; "
                    f"{WIKI_SAMPLE_CHUNK_TOKENS} for wiki-sample)")
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
-    p.add_argument("--workers", type=int, default=None, help="tokenising processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="processes reading and tokenising blocks of the input "
+                   "(default: the cores this process may use)")
+    p.add_argument("--block-mb", type=float, default=1.0, help="input MiB per block a worker reads at once (default 1)")
     p.add_argument("--shard-examples", type=int, default=100_000)
     p.add_argument("--limit", type=int, default=None, help="read at most this many records (0: all)")
     p.add_argument("--overwrite", action="store_true")
@@ -507,13 +616,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.cutoff_len is not None and a.max_len is not None:
         p.error("give one of --cutoff-len and --max-len, not both")
     a.max_len = DEFAULT_MAX_LEN if a.cutoff_len is None and a.max_len is None else a.max_len
+    if a.block_mb * 2**20 < 1:
+        p.error(f"--block-mb must be > 0, got {a.block_mb}")
     if a.limit is not None and a.limit < 0:
         p.error(f"--limit must be >= 0 (0: all records), got {a.limit}")
     try:
         summary = prepare(a.input, a.format, a.tokenizer, a.max_len, a.out, PrepareOptions(
             cutoff_len=a.cutoff_len, target_max_len=a.target_max_len, remove_stopwords=a.remove_stopwords,
             chunk_tokens=a.chunk_tokens, max_bad_fraction=a.max_bad_fraction, workers=a.workers,
-            shard_examples=a.shard_examples, limit=a.limit, revision=a.revision, overwrite=a.overwrite,
+            shard_examples=a.shard_examples, block_bytes=int(a.block_mb * 2**20), limit=a.limit,
+            revision=a.revision, overwrite=a.overwrite,
             progress=not a.no_progress))
     except UserError as e:
         print(f"prepare: error: {e}", file=sys.stderr)

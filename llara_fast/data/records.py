@@ -11,11 +11,15 @@ exceed ``max_bad_fraction`` of the records seen (checked from 1,000 records on, 
 """
 from __future__ import annotations
 
+import io
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+
+import numpy as np
 
 from llara_fast.data.sources import wiki_sample_path
 from llara_fast.data.text import is_utf8
@@ -50,9 +54,23 @@ def field_problem(obj, names) -> str | None:
 
 @dataclass
 class Record:
-    loc: str              # "path:line" or "path#title"
+    loc: str | int        # "path#title" (wiki), or the line's index in its block (resolved by the driver)
     data: bytes | str | None  # raw JSON line / .txt document bytes, or the decoded wiki text
     kind: str             # "json", "txt" or "wiki"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A piece of the input that one worker reads, parses and tokenises: a line-aligned byte range
+    [start, end) of a file (a .txt file's cut after a blank line, so no document straddles two
+    blocks), or a list of wiki records (the driver reads that small JSON file)."""
+    path: str | None = None
+    start: int = 0
+    end: int = 0
+    txt: bool = False
+    records: list | None = None
+    error: str | None = None         # the file could not be read: raised when this block's turn comes
+    max_records: int | None = None   # read at most this many records (then only look for one more)
 
 
 def input_files(path: Path, fmt: str) -> list[Path]:
@@ -72,49 +90,97 @@ def input_files(path: Path, fmt: str) -> list[Path]:
 BOM = b"\xef\xbb\xbf"
 
 
-def _lines(fp: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, bytes) of a file, a leading UTF-8 byte-order mark dropped; an unreadable file
-    is one PrepareError naming it."""
-    try:
-        with open(fp, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                yield lineno, raw.removeprefix(BOM) if lineno == 1 else raw
-    except OSError as e:
-        raise PrepareError(f"{fp}: cannot read it ({e.strerror or e})") from None
+def _cannot_read(fp, e: OSError) -> str:
+    return f"{fp}: cannot read it ({e.strerror or e})"
 
 
-def iter_records(path: Path | None, fmt: str, counters: Counter) -> Iterator[Record]:
+def plan_blocks(path: Path | None, fmt: str, block_bytes: int, batch_records: int,
+                limit: int | None) -> Iterator[Block]:
+    """The input as blocks, in input order. Files are cut at the first line start at or after
+    every ``block_bytes`` (.txt files: after the next blank line); the driver only seeks and reads
+    a line or a few per cut. wiki-sample: lists of ``batch_records`` entries, the first ``limit``."""
     if fmt == "wiki-sample":
-        src = path or wiki_sample_path()
-        with open(src, encoding="utf-8") as f:
-            data = json.load(f)
-        for title, rec in data.items():
-            text = (rec or {}).get("extract") if isinstance(rec, dict) else None
-            yield Record(f"{src}#{title}", text if isinstance(text, str) else None, "wiki")
+        for recs in batches(iter_wiki_records(path), batch_records, limit):
+            yield Block(records=recs)
         return
     for fp in input_files(path, fmt):
-        if fp.suffix == ".txt":
-            yield from _iter_txt(fp)
+        yield from _file_blocks(fp, fp.suffix == ".txt", block_bytes)
+
+
+def _file_blocks(fp: Path, txt: bool, block_bytes: int) -> Iterator[Block]:
+    start = 0
+    try:
+        with open(fp, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            while start < size:
+                end = size
+                if start + block_bytes < size:
+                    f.seek(start + block_bytes - 1)
+                    f.readline()  # to the next line start
+                    while txt:    # a .txt document ends at a blank line
+                        line = f.readline()
+                        if not line or not line.strip():
+                            break
+                    end = min(f.tell(), size)
+                yield Block(path=str(fp), start=start, end=end, txt=txt)
+                start = end
+    except OSError as e:
+        yield Block(path=str(fp), start=start, error=_cannot_read(fp, e))
+
+
+def read_block(block: Block) -> bytes:
+    """A file block's bytes; an unreadable file is one PrepareError naming it."""
+    if block.error is not None:
+        raise PrepareError(block.error)
+    try:
+        with open(block.path, "rb") as f:
+            f.seek(block.start)
+            return f.read(block.end - block.start)
+    except OSError as e:
+        raise PrepareError(_cannot_read(block.path, e)) from None
+
+
+def block_records(block: Block, data: bytes | None, counters: Counter) -> Iterator[Record]:
+    """The records of a block (its bytes from read_block), their locs the line index in the block;
+    a file's leading UTF-8 byte-order mark is dropped."""
+    if block.records is not None:
+        yield from block.records
+        return
+    lines = enumerate(io.BytesIO(data))  # split at b"\n" only, as iterating the file does
+    if block.start == 0:
+        lines = ((i, raw.removeprefix(BOM) if i == 0 else raw) for i, raw in lines)
+    if block.txt:
+        yield from _txt_records(lines)
+        return
+    for i, raw in lines:
+        if not raw.strip():
+            counters["blank_lines"] += 1
             continue
-        for lineno, raw in _lines(fp):
-            if not raw.strip():
-                counters["blank_lines"] += 1
-                continue
-            yield Record(f"{fp}:{lineno}", raw, "json")
+        yield Record(i, raw, "json")
 
 
-def _iter_txt(fp: Path) -> Iterator[Record]:
+def _txt_records(lines: Iterator[tuple[int, bytes]]) -> Iterator[Record]:
+    """Blank-line separated documents, each at the index of its first line."""
     buf, first = [], 0
-    for lineno, raw in _lines(fp):
+    for i, raw in lines:
         if raw.strip():
             if not buf:
-                first = lineno
+                first = i
             buf.append(raw)
         elif buf:
-            yield Record(f"{fp}:{first}", b"".join(buf), "txt")
+            yield Record(first, b"".join(buf), "txt")
             buf = []
     if buf:
-        yield Record(f"{fp}:{first}", b"".join(buf), "txt")
+        yield Record(first, b"".join(buf), "txt")
+
+
+def iter_wiki_records(path: Path | None) -> Iterator[Record]:
+    src = path or wiki_sample_path()
+    with open(src, encoding="utf-8") as f:
+        data = json.load(f)
+    for title, rec in data.items():
+        text = (rec or {}).get("extract") if isinstance(rec, dict) else None
+        yield Record(f"{src}#{title}", text if isinstance(text, str) else None, "wiki")
 
 
 def decode_record(rec: Record, fmt: str):
@@ -164,3 +230,48 @@ def check_bad_fraction(seen: int, bad: int, max_bad_fraction: float, last: tuple
     firsts = ", ".join(f"{l} ({r})" for l, r in first[:3])
     raise PrepareError(f"{loc}: {reason}; {bad} of {seen} records are bad ({bad / seen:.2%}), above "
                        f"max_bad_fraction {max_bad_fraction:g}. First bad records: {firsts}")
+
+
+class BadRecordCheck:
+    """The bad-record rule over the whole record stream, as if it were tokenised in batches of
+    ``batch`` records: after each batch holding bad records, and at the end. Blocks of records
+    arrive in order with their bad records; a batch may span several blocks. In the message,
+    a batch's bad records are in the order one batch's tokenisation meets them (by stage: decoding,
+    tokenising, targets; then by record), the first 8 of each batch kept."""
+
+    def __init__(self, batch: int, max_bad_fraction: float):
+        self.batch, self.max_bad_fraction = batch, max_bad_fraction
+        self.seen = self.bad = 0
+        self.open: list = []   # bad records of the batch not yet complete: (stage, record index, loc, reason)
+        self.first: list = []  # (loc, reason) of the first 8
+
+    def batch_ends(self, n: int) -> np.ndarray:
+        """Where batches end among the next ``n`` records (counts of them, in 1..n)."""
+        return np.arange(self.batch - self.seen % self.batch, n + 1, self.batch, dtype=np.int64)
+
+    def add(self, n: int, bads: Iterable[tuple[int, int, str, str]]) -> None:
+        """The next ``n`` records, with their bad ones as (index among the n, stage, loc, reason)."""
+        for i, stage, loc, reason in sorted(bads, key=lambda b: b[0]):
+            g = self.seen + i
+            if self.open and g >= self._open_end():
+                self._close(self._open_end())
+            self.open.append((stage, g, loc, reason))
+        self.seen += n
+        if self.open and self.seen >= self._open_end():
+            self._close(self._open_end())
+
+    def _open_end(self) -> int:
+        return (self.open[0][1] // self.batch + 1) * self.batch
+
+    def _close(self, seen: int) -> None:
+        shown = [(loc, reason) for _, _, loc, reason in sorted(self.open)[:8]]
+        self.bad += len(self.open)
+        self.open = []
+        self.first.extend(shown[:8 - len(self.first)])
+        check_bad_fraction(seen, self.bad, self.max_bad_fraction, shown[-1], self.first, final=False)
+
+    def finish(self) -> None:
+        if self.open:
+            self._close(self.seen)
+        if self.first:
+            check_bad_fraction(self.seen, self.bad, self.max_bad_fraction, self.first[-1], self.first, final=True)

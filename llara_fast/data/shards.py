@@ -64,6 +64,7 @@ class ShardWriter:
         self.shard_examples = shard_examples
         self.shards: list[dict] = []
         self._files = None
+        self._examples = 0  # in the open shard
 
     def _open(self):
         name = f"shard-{len(self.shards):05d}"
@@ -71,26 +72,46 @@ class ShardWriter:
         self._files = {k: open(self.out_dir / f"{name}.{k}.bin", "wb") for k in _KINDS}
         self._hashes = {k: hashlib.sha256() for k in _KINDS}  # computed while writing: no second read
         self._lens = {k: [] for k in _KINDS}
+        self._examples = 0
 
     def add(self, text: np.ndarray, text_lens: np.ndarray, sum_ids: np.ndarray, sum_lens: np.ndarray,
-            pred_ids: np.ndarray, pred_lens: np.ndarray) -> None:
-        """One batch of examples: flat ids and per-example lengths for text, sum and pred."""
-        if len(text_lens) == 0:
+            pred_ids: np.ndarray, pred_lens: np.ndarray, ends=None) -> None:
+        """Examples: flat ids and per-example lengths for text, sum and pred. A shard closes at the
+        first of ``ends`` (example counts into this call, increasing; default: the end of the call
+        only) at which it holds ``shard_examples`` examples or more."""
+        n = len(text_lens)
+        parts = (("text", np.asarray(text), np.asarray(text_lens)), ("sum", np.asarray(sum_ids), np.asarray(sum_lens)),
+                 ("pred", np.asarray(pred_ids), np.asarray(pred_lens)))
+        ends = np.array([n]) if ends is None else np.asarray(ends)
+        k = int(np.searchsorted(ends, self.shard_examples - self._examples))  # the first end that fills the shard
+        cut = int(ends[k]) if k < len(ends) else None
+        if cut is not None and cut < n:  # this shard takes the examples up to the cut, the next one the rest
+            heads = [int(np.sum(lens[:cut])) for _, _, lens in parts]
+            if cut:
+                self.add(*(x for (_, flat, lens), h in zip(parts, heads) for x in (flat[:h], lens[:cut])), ends=[cut])
+            else:  # filled by the examples before this call
+                self._close_shard()
+            self.add(*(x for (_, flat, lens), h in zip(parts, heads) for x in (flat[h:], lens[cut:])),
+                     ends=ends[k + 1:] - cut)
+            return
+        if n == 0:
+            if cut is not None:  # a batch without examples ends a full shard
+                self._close_shard()
             return
         if self._files is None:
             self._open()
         info = np.iinfo(self.dtype)
-        for k, flat, lens in (("text", text, text_lens), ("sum", sum_ids, sum_lens), ("pred", pred_ids, pred_lens)):
-            flat = np.asarray(flat)
+        for kind, flat, lens in parts:
             if flat.size and (flat.min() < 0 or flat.max() > info.max):
                 raise ValueError(f"token id out of range for {self.dtype}")  # a bug of the caller
             if int(np.sum(lens)) != flat.size:
-                raise ValueError(f"{k}: lengths do not add up to the flat array")
+                raise ValueError(f"{kind}: lengths do not add up to the flat array")
             data = flat.astype(self.dtype, copy=False).tobytes()
-            self._files[k].write(data)
-            self._hashes[k].update(data)
-            self._lens[k].append(np.asarray(lens, dtype=np.int64))
-        if sum(len(x) for x in self._lens["text"]) >= self.shard_examples:
+            self._files[kind].write(data)
+            self._hashes[kind].update(data)
+            self._lens[kind].append(lens.astype(np.int64, copy=False))
+        self._examples += n
+        if cut == n:
             self._close_shard()
 
     def _close_shard(self):
@@ -102,6 +123,7 @@ class ShardWriter:
         np.save(self.out_dir / f"{self._name}.offsets.npy", offsets)
         sha = {k: h.hexdigest() for k, h in self._hashes.items()}
         sha["offsets"] = file_sha256(self.out_dir / f"{self._name}.offsets.npy")
+        self._examples = 0
         self.shards.append({"name": self._name, "examples": int(offsets.shape[1] - 1),
                             "text_tokens": int(offsets[0, -1]), "sum_ids": int(offsets[1, -1]),
                             "pred_ids": int(offsets[2, -1]), "sha256": sha})

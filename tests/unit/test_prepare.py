@@ -318,3 +318,138 @@ def test_one_prepare_per_output_and_stale_temporaries(tmp_path, capsys):
     P.prepare(None, "wiki-sample", "smollm2-135m", 64, out, opts)
     assert not stale.exists() and f"removed {stale}" in capsys.readouterr().err
     assert (out / "manifest.json").is_file()
+
+
+def _corpus(tmp_path):
+    """A text-format directory: a .txt file (byte-order mark, documents over several lines) and a
+    JSONL file with blank lines and bad records."""
+    from llara_fast.data.sources import iter_wiki_sample
+
+    paras = [t for _, t in iter_wiki_sample()][:90]
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.txt").write_bytes(b"\xef\xbb\xbf" + "\n\n \n".join(p.replace(". ", ".\n", 1) for p in paras[:30]).encode())
+    rows = []
+    for i, p in enumerate(paras[30:]):
+        rows.append({"text": p})
+        if i % 7 == 3:
+            rows += [b"\n", b"{broken\n", {"text": " "}]
+    write_jsonl(d / "b.jsonl", rows)
+    return d
+
+
+def _outputs(out):
+    files = {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.name != "manifest.json"}
+    m = json.loads((out / "manifest.json").read_text())
+    for k in ("seconds", "records_per_s", "out"):
+        m["counts"].pop(k)
+    return files, m
+
+
+def test_output_identical_across_workers_and_blocks(tmp_path):
+    """Workers read, parse and tokenise line-aligned blocks; the shards, the manifest, the counts
+    and the bad-record messages do not depend on the worker count or the block size, with or
+    without a limit (a limit inside a block, one at a block's end)."""
+    inp = _corpus(tmp_path)
+    kw = dict(fmt="text", chunk_tokens=24, shard_examples=40, batch_records=16, max_bad_fraction=1.0)
+    for limit, block in ((None, 400), (45, 1500), (71, 1500), (46, 400)):  # JSONL lines: ~500 bytes
+        ref = run(tmp_path, inp, name=f"ref{limit}", limit=limit, **kw)
+        got = run(tmp_path, inp, name=f"w2{limit}", limit=limit, workers=2, block_bytes=block, **kw)
+        assert ref["shards"] > 1 and ref["skipped"] and (limit is None or ref["records"] == limit)
+        assert _outputs(tmp_path / f"ref{limit}") == _outputs(tmp_path / f"w2{limit}")
+        assert got["blank_lines"] == ref["blank_lines"] and got["records"] == ref["records"]
+    errors = []
+    for workers, block in ((1, 1 << 20), (2, 300), (2, 1000)):
+        with pytest.raises(P.PrepareError) as e:
+            run(tmp_path, inp, name="bad", workers=workers, block_bytes=block, **dict(kw, max_bad_fraction=0.05))
+        errors.append(str(e.value))
+    assert "b.jsonl:" in errors[0] and errors[1:] == errors[:1] * 2
+
+
+def test_bad_record_check_replays_fixed_batches():
+    """BadRecordCheck fed blocks of any size stops where a check after every batch of B records
+    stops, with the same message (a batch's bad records by stage, then by record, first 8 shown)."""
+    import random
+
+    from llara_fast.data.records import BadRecordCheck, check_bad_fraction
+
+    rng = random.Random(0)
+    for trial in range(200):
+        n, B, frac = rng.randint(1, 3000), rng.choice([1, 7, 256]), rng.choice([0.005, 0.02, 0.2])
+        bads = {i: (rng.randint(0, 2), f"f:{i}", rng.choice(["invalid_json", "empty_text"]))
+                for i in rng.sample(range(n), rng.randint(0, n // rng.choice([10, 60, 400]) + 1))}
+
+        def reference():  # the former loop: one check after every batch holding bad records
+            seen = bad = 0
+            first = []
+            for s in range(0, n, B):
+                batch = sorted((bads[i][0], i) for i in range(s, min(s + B, n)) if i in bads)
+                shown = [bads[i][1:] for _, i in batch][:8]
+                seen, bad = min(s + B, n), bad + len(batch)
+                if shown:
+                    first.extend(shown[:8 - len(first)])
+                    check_bad_fraction(seen, bad, frac, shown[-1], first, final=False)
+            if first:
+                check_bad_fraction(seen, bad, frac, first[-1], first, final=True)
+
+        def blocks():
+            check, start = BadRecordCheck(B, frac), 0
+            while start < n:
+                size = min(rng.randint(0, 2 * B + 5), n - start)
+                check.add(size, [(i - start, *bads[i]) for i in range(start, start + size) if i in bads])
+                start += size
+            check.finish()
+
+        outcomes = []
+        for f in (reference, blocks):
+            try:
+                f()
+                outcomes.append(None)
+            except P.PrepareError as e:
+                outcomes.append(str(e))
+        assert outcomes[0] == outcomes[1], trial
+
+
+def test_blocks_cover_the_input_line_aligned(tmp_path):
+    """File blocks tile the file, each starting at a line start (.txt: after a blank line)."""
+    from llara_fast.data.records import plan_blocks
+
+    inp = _corpus(tmp_path)
+    for name in ("a.txt", "b.jsonl"):
+        data = (inp / name).read_bytes()
+        blocks = list(plan_blocks(inp / name, "text", 250, 256, None))
+        assert len(blocks) > 5 and blocks[0].start == 0 and blocks[-1].end == len(data)
+        for a, b in zip(blocks, blocks[1:]):
+            assert a.end == b.start and data[:b.start].endswith(b"\n")
+            if name == "a.txt":
+                assert not data[:b.start].splitlines()[-1].strip()
+
+
+def test_in_flight_blocks_bounded(tmp_path):
+    """At most 2 x workers blocks are handed out ahead of the result being consumed (memory does
+    not grow with the corpus)."""
+    job, _ = P._resolve_job(None, "wiki-sample", "smollm2-135m", 32, tmp_path / "o", P.PrepareOptions())
+    pulled = []
+
+    def blocks():
+        from llara_fast.data.records import plan_blocks
+        for b in plan_blocks(None, "wiki-sample", 0, 2, 40):
+            pulled.append(b)
+            yield b
+    got = 0
+    for _, res in P._results(job, blocks(), 2, lambda: None):
+        got += 1
+        assert res.records == 2 and len(pulled) - got <= 2 * 2 - 1
+    assert got == len(pulled) == 20
+
+
+def test_default_workers_are_the_usable_cores(tmp_path, monkeypatch):
+    """Default --workers: the CPU affinity, capped by a cgroup v2 quota (rounded up)."""
+    monkeypatch.setattr(P.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(P, "CGROUP_CPU_MAX", str(tmp_path / "none"))
+    assert P.default_workers() == 8
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(P, "CGROUP_CPU_MAX", str(quota))
+    for text, want in (("max 100000\n", 8), ("250000 100000\n", 3), ("50000 100000\n", 1), ("2000000 100000", 8)):
+        quota.write_text(text)
+        assert P.default_workers() == want, text

@@ -172,3 +172,29 @@ def test_prepared_data_is_checked_before_training(prepared):
     np.save(offsets, off)
     with pytest.raises(UserError, match=r"shard-00000.offsets.npy: offsets are not a non-decreasing sequence"):
         ShardedDataset(prepared)
+
+
+def test_add_closes_shards_only_at_the_given_ends(tmp_path):
+    """add(..., ends=...) of many batches in one call cuts the shards where one add per batch does,
+    wherever the calls split the batches (an end at 0 examples, or at a call's end, or empty calls)."""
+    rng = np.random.default_rng(2)
+    exs = random_examples(rng, rng.integers(0, 30, size=41), 300)
+    sizes = [5, 0, 3, 9, 1, 7, 2, 6, 8]                        # examples per batch (an empty one too)
+    ref = ShardWriter(tmp_path / "ref", np.uint16, shard_examples=8)
+    ends, i = [], 0
+    for n in sizes:
+        text, toff, st, soff, pt, poff = examples_to_source(exs[i:i + n])
+        ref.add(text, np.diff(toff), st, np.diff(soff), pt, np.diff(poff))
+        i += n
+        ends.append(i)
+    assert [s["examples"] for s in ref.close()] == [8, 9, 8, 8, 8]
+    for half in sorted(set(ends) | {e + 2 for e in ends if e + 2 < i}):  # at batch ends and inside batches
+        for tie in ({0, 1, 2} if half in ends else {0}):  # which call gets an end at the split: the first
+            one = ShardWriter(tmp_path / "one", np.uint16, shard_examples=8)  # (its last), the empty or the
+            for c, (a, b) in enumerate(((0, half), (half, half), (half, i))):  # last call (their first, 0)
+                text, toff, st, soff, pt, poff = examples_to_source(exs[a:b])
+                mine = [e - a for e in ends if a < e < b or (e == half and c == tie) or (e == b == i)]
+                one.add(text, np.diff(toff), st, np.diff(soff), pt, np.diff(poff), ends=mine)
+            assert one.close() == ref.shards, (half, tie)
+            for f in sorted((tmp_path / "ref").iterdir()):
+                assert (tmp_path / "one" / f.name).read_bytes() == f.read_bytes(), f.name
