@@ -292,6 +292,9 @@ def main(argv=None):
     ap.add_argument("--text", action="append", default=[], help="a passage to encode (repeatable)")
     ap.add_argument("--attn", default="auto")
     ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--token-budget", type=int, default=None,
+                    help=f"tokens per packed micro-batch (default: {DEFAULT_TOKEN_BUDGET['cpu']:,} on CPU, "
+                         f"{DEFAULT_TOKEN_BUDGET['cuda']:,} on GPU)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     ap.add_argument("--corpus", help="a BEIR corpus.jsonl to encode in shards into --out (under torchrun: "
                     "each rank its share)")
@@ -320,7 +323,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     try:
         enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, revision=args.revision, max_len=args.max_len,
-                                      device=args.device)
+                                      device=args.device, token_budget=args.token_budget)
     except UserError as e:
         print(f"encode: error: {e}", file=sys.stderr)
         return 2
@@ -347,7 +350,7 @@ def corpus_main(args) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
         enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, revision=args.revision, max_len=args.max_len,
-                                      device=device)
+                                      device=device, token_budget=args.token_budget)
         job = CorpusJob(args.corpus, args.out, args.shard_size, args.dtype, args.overwrite, not args.quiet)
         r = encode_corpus(enc, job, rank, world)
     finally:

@@ -49,10 +49,20 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (N, H, D); rotate pairs (i, i + D/2) as HF's rotate_half does."""
+    """x (N, H, D); rotate pairs (i, i + D/2) as HF's rotate_half does: x*cos + rotate_half(x)*sin,
+    computed on the halves (cos and sin repeat over them), the same products and sums."""
     half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (N, H, D)
-    return x * cos[:, None, :] + rot * sin[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]  # (N, H, D/2) each
+    c, s = cos[:, None, :half], sin[:, None, :half]  # (N, 1, D/2)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)  # (N, H, D)
+    out = torch.empty_like(x)  # inference: each half written in place, no concatenation
+    lo, hi = out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=lo)
+    lo.sub_(x2 * s)
+    torch.mul(x2, c, out=hi)
+    hi.add_(x1 * s)
+    return out
 
 
 # ---- modules -------------------------------------------------------------------------------
@@ -63,6 +73,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.float64) and self.weight.dtype == x.dtype:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the formula below, one fused kernel
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)

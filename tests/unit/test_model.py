@@ -144,3 +144,18 @@ def test_examples_are_independent(family):
     s2, e2 = _segments(b2, 2)
     torch.testing.assert_close(h1[s1.start:e1.stop], h2[s2.start:e2.stop], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(h1[s1.start:e1.stop], h3, rtol=1e-12, atol=1e-12)
+
+
+def test_inference_path_equals_training_path():
+    """Without autograd (encoding) RoPE writes its halves in place instead of concatenating them:
+    the same products and sums, so the hidden states are the training path's bit for bit."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=101, ffn_hidden=77)
+    model = Transformer(args, attn_backend="sdpa")
+    model.init_weights(std=0.2, seed=1)
+    batch = pack_reference(random_examples(np.random.default_rng(0), [5, 23, 40], 101), toy_template(101), 10**9)
+    with torch.inference_mode():
+        fast = model(batch)  # (N, d)
+    slow = model(batch)  # (N, d), through the autograd path
+    assert slow.requires_grad
+    assert torch.equal(fast, slow.detach())
