@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import SAME_ORDER, hooked, run_entry, step_hashes
 
-COMMON = ["--model.name", "debug", "--model.random_init", "true", "--data.token_budget", "500", "--optim.lr", "1e-3",
+COMMON = ["--model.name", "debug", "--model.random_init", "true", "--run.export", "false", "--data.token_budget", "500", "--optim.lr", "1e-3",
           "--optim.warmup_steps", "1"]
 
 
@@ -238,7 +238,8 @@ def test_epochs_warmup_ratio_and_export(tmp_path, data_dir):
 
     out = tmp_path / "run"
     p = _run([*COMMON, "--data.dir", str(data_dir), "--data.token_budget", "2000", "--run.epochs", "2",
-              "--optim.warmup_steps", "2", "--optim.warmup_ratio", "0.25", "--run.out_dir", str(out)])
+              "--optim.warmup_steps", "2", "--optim.warmup_ratio", "0.25", "--run.out_dir", str(out),
+              "--run.export", "true"])
     lines = p.stdout.splitlines()
     assert lines[0] == "model: random weights (debug's shape, seed 0; tokenizer of SmolLM2)"
     n = int(re.search(r"^run: 2 epochs = (\d+) steps \(", p.stdout, re.M).group(1))

@@ -17,7 +17,7 @@ import pytest
 from conftest import SAME_ORDER, hooked, run_entry, step_hashes
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMON = ["--model.name", "debug", "--model.random_init", "true", "--data.limit", "60", "--data.token_budget", "500",
+COMMON = ["--model.name", "debug", "--model.random_init", "true", "--run.export", "false", "--data.limit", "60", "--data.token_budget", "500",
           "--optim.lr", "1e-3", "--optim.warmup_steps", "1"]
 
 
@@ -253,9 +253,10 @@ def test_checkpoint_of_before_the_manifests_still_resumes_and_exports(tmp_path):
     (ck / "COMPLETE").write_text(json.dumps({"step": 2, "world_size": 1}))
     model, tok, _ = load(str(ck), attn_backend="sdpa")
     assert model.args.n_layers == 2 and len(tok) == 49168
-    p = _run([*args, "--run.steps", "3", "--run.resume", "true"])
+    p = _run([*args, "--run.steps", "3", "--run.resume", "true", "--run.export", "true"])
     assert "resumed from" in p.stdout and "(step 2)" in p.stdout
     assert [m["step"] for m in _metrics(run)] == [1, 2, 3]
+    assert (run / "export" / "config.json").is_file()
 
 
 def test_a_diverged_run_stops_and_saves_nothing_of_it(tmp_path):
