@@ -123,9 +123,6 @@ def pytest_collection_modifyitems(config, items):
         if e2e in Path(str(item.fspath)).resolve().parents or REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames",
                                                                                                    ())):
             item.add_marker(pytest.mark.e2e)
-    # The long tests first: pytest-xdist hands tests out in this order, so the runs of minutes start
-    # early and the short ones fill both workers at the end instead of one long test running alone.
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
