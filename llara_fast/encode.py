@@ -104,6 +104,9 @@ class Encoder:
         lengths = [self.suffix_len(kind) + min(len(t), self.max_len) for t in ids]
         # Sorted by length: similar lengths share a micro-batch (steadier batch cost on GPU).
         order = sorted(range(len(ids)), key=lambda i: lengths[i])
+        if ids and lengths[order[-1]] > self.token_budget:
+            raise UserError(f"text {order[-1]} needs {lengths[order[-1]]} tokens with the prompt pieces, more than the "
+                            f"token budget {self.token_budget}: raise the token budget or lower max_len")
         own = bar is None
         if own:
             bar = _progress(len(ids), desc or ("encode passages" if kind == "passage" else "encode queries"), progress)
@@ -324,12 +327,12 @@ def main(argv=None):
     try:
         enc = Encoder.from_pretrained(args.model, attn_backend=args.attn, revision=args.revision, max_len=args.max_len,
                                       device=args.device, token_budget=args.token_budget)
+        t1 = time.perf_counter()
+        emb = enc.encode_passages(texts, progress=True)
+        t2 = time.perf_counter()
     except UserError as e:
         print(f"encode: error: {e}", file=sys.stderr)
         return 2
-    t1 = time.perf_counter()
-    emb = enc.encode_passages(texts, progress=True)
-    t2 = time.perf_counter()
     sim = emb @ emb.t()  # (n, n) cosine similarities
     w = min(max(len(t) for t in titles), 28)
     print(f"cosine similarity of {len(texts)} passage embeddings ({args.model}, mean of <s1>..<s8>):")

@@ -91,3 +91,12 @@ def test_cli_demo(capsys):
     rows = [ln.split() for ln in out.splitlines() if " text" in ln]
     assert [r[:2] for r in rows] == [["0", "text0"], ["1", "text1"], ["2", "text2"]]
     assert all(len(r) == 5 and float(r[2 + int(r[0])]) == pytest.approx(1.0, abs=1e-3) for r in rows)
+
+
+def test_a_token_budget_below_the_longest_text_is_one_line(capsys):
+    """encode --token-budget smaller than a text with its prompt pieces: one error line, exit 2
+    (it was a ValueError traceback from the packer)."""
+    assert main(["--model", "debug", "--text", "a llama", "--attn", "sdpa", "--max-len", "64",
+                 "--token-budget", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "more than the token budget 5" in err and "Traceback" not in err
