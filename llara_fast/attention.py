@@ -21,6 +21,7 @@ j <= i + len_k - len_q (bottom-right-aligned causal).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -37,10 +38,17 @@ try:  # optional: pip install llara-fast[flash]
 except Exception:  # ImportError, or a broken CUDA build
     flash_attn_varlen_func = None
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except Exception:
-    varlen_attn = None
+@functools.cache
+def _varlen_attn():
+    """(torch.nn.attention.varlen.varlen_attn, its parameter names) on CUDA builds of torch >= 2.10,
+    else (None, set()); imported on first use, since importing it pulls in TorchDynamo: ~2.5 s of CPU
+    in every process that starts, CPU runs included, which never use it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None, set()
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -57,7 +65,7 @@ def available_backends(device: torch.device | str, dtype: torch.dtype | None = N
     if dev.type == "cuda" and dtype in (None, torch.float16, torch.bfloat16):
         if flash_attn_varlen_func is not None:
             out.append("flash_attn")
-        if varlen_attn is not None:
+        if _varlen_attn()[0] is not None:
             out.append("torch_varlen")
     out.append("sdpa")
     if dev.type == "cuda" and flex_attention is not None:  # last: opt-in only
@@ -272,25 +280,23 @@ def _sdpa(q, k, v, meta: AttnMeta) -> torch.Tensor:
     return torch.cat(outs) if outs else torch.empty_like(q)  # (N, H, D)
 
 
-_VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
-
-
 def _torch_varlen(q, k, v, meta: AttnMeta) -> torch.Tensor:
+    varlen_attn, params = _varlen_attn()
     ks = k.index_select(0, meta.k_index)  # (N_k, KV, D)
     vs = v.index_select(0, meta.k_index)  # (N_k, KV, D)
     kw = {}
     H, KV = q.shape[1], k.shape[1]
     if KV != H:
-        if "enable_gqa" in _VARLEN_PARAMS:
+        if "enable_gqa" in params:
             kw["enable_gqa"] = True
         else:
             ks = ks.repeat_interleave(H // KV, dim=1)  # (N_k, H, D)
             vs = vs.repeat_interleave(H // KV, dim=1)  # (N_k, H, D)
     # torch 2.10 took is_causal; later releases take window_size=(left, right) instead,
     # where (-1, 0) is causal aligned bottom-right like FlashAttention.
-    if "is_causal" in _VARLEN_PARAMS:
+    if "is_causal" in params:
         kw["is_causal"] = True
-    elif "window_size" in _VARLEN_PARAMS:
+    elif "window_size" in params:
         kw["window_size"] = (-1, 0)
     else:
         raise RuntimeError("torch.nn.attention.varlen.varlen_attn has neither is_causal nor window_size; "
@@ -307,7 +313,6 @@ def _flash_attn(q, k, v, meta: AttnMeta) -> torch.Tensor:
                                   meta.max_seqlen_k, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True)
 
 
-@torch.compiler.disable  # compiled blocks call it as its own region: its launches are not traced
 def _triton(q, k, v, meta: AttnMeta) -> torch.Tensor:
     return branch_attention(q, k, v, meta.cu_seqlens_q, meta.ctx_start, meta.ctx_end, meta.max_seqlen_q,
                             meta.max_ctx)  # (N, H, D)
@@ -319,3 +324,12 @@ _IMPLS = {"sdpa": _sdpa, "torch_varlen": _torch_varlen, "flash_attn": _flash_att
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
     return _IMPLS[meta.backend](q, k, v, meta)
+
+
+def prepare_compile() -> None:
+    """Call before torch.compile of code that calls packed_attention (train.parallel.apply_compile
+    does): the Triton backend then runs as its own region, its launches not traced. Not a decorator:
+    torch.compiler.disable imports TorchDynamo, ~2.5 s of CPU in every process that starts, CPU runs
+    included, which never compile."""
+    if _IMPLS["triton"] is _triton:
+        _IMPLS["triton"] = torch.compiler.disable(_triton)

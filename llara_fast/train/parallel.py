@@ -7,6 +7,8 @@ import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+from llara_fast.attention import prepare_compile
+
 AC_MODES = ("none", "selective", "full")
 
 
@@ -48,7 +50,8 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str) -> None:
 
 def apply_compile(blocks: nn.ModuleList) -> None:
     """torch.compile each block in place (the packed attention's per-batch metadata is built
-    once per step outside the blocks)."""
+    once per step outside the blocks; the Triton attention runs untraced, as its own region)."""
+    prepare_compile()
     for block in blocks:
         block.compile(dynamic=True)
 
