@@ -94,6 +94,7 @@ def test_a_repo_with_only_pytorch_bin_weights(offline_hub, tmp_path):
         torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.e2e  # whole training runs (in this process): the e2e tier
 def test_pretrain_and_finetune_on_a_hub_id_record_its_commit(offline_hub, in_process_group, tmp_path):
     """pretrain (2 steps) on the id writes name = the id and revision = the commit into config.toml;
     the resume loads that commit even after refs/main moved; finetune on the id exports with the

@@ -73,6 +73,7 @@ def sigterm_at(step):
     return hook
 
 
+@pytest.mark.e2e  # whole training runs (in this process): the e2e tier
 def test_tensorboard_holds_every_field_through_stop_crash_and_resume(tmp_path, in_process):
     """A debug pretrain with report_to tensorboard, stopped by SIGTERM after step 2, resumed and
     crashed after step 3 (not saved), resumed to the end: every numeric metrics.jsonl field is a
@@ -121,6 +122,7 @@ def test_report_to_names_and_missing_packages(tmp_path, monkeypatch, in_process,
     assert not (tmp_path / "r").exists()  # refused before any work
 
 
+@pytest.mark.e2e  # whole training runs (in this process): the e2e tier
 def test_wandb_offline_run(tmp_path, monkeypatch, in_process):
     """W&B in offline mode: the run's files under RUN/wandb, and a resume continues the same run id."""
     pytest.importorskip("wandb")
@@ -147,6 +149,7 @@ def beir_dev(tmp_path_factory) -> Path:
     return write_wiki_beir(tmp_path_factory.mktemp("beir") / "wiki", 30, 8, "dev")
 
 
+@pytest.mark.e2e  # whole training runs (in this process): the e2e tier
 def test_finetune_evaluates_and_keeps_the_best(tmp_path, in_process, beir_dev):
     """eval.every 1 with keep_best: an eval record per step (capped corpus, the count said is the
     count used), the same training losses as without evaluation, RUN/best from the best record's
