@@ -29,8 +29,9 @@ What the released code does, and so what this file does:
 
 Target sets are the ones llara_fast's prepare makes (the tokenizer's special ids excluded rather
 than the reference's ids <= 2, DESIGN §1's one deliberate difference), so that both sides train
-the identical objective on identical examples; tests/test_throughput.py checks that the losses
-agree to ~1e-5 in fp32.
+the identical objective on identical examples; tests/e2e/test_throughput.py checks that the
+losses and gradients agree to float64 rounding (both sides in float64: ``build_hf_model(...,
+dtype=torch.float64)`` computes transformers' norms and RoPE angles in float64 too).
 """
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ def build_hf_model(model, device: torch.device | str = "cpu", attn_implementatio
                    dtype: torch.dtype = torch.float32):
     """transformers' causal LM of the model's family (LlamaForCausalLM, Mistral-, Qwen2-, Qwen3-)
     holding exactly ``model``'s weights (a llara_fast Transformer), in ``dtype`` (fp32; float64 for
-    the tests' exact-algebra runs), in training mode. Built directly on ``device``."""
+    exact-algebra runs, with float64_norms_and_rope), in training mode. Built directly on ``device``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llara_fast.io.hf import ours_to_hf
@@ -160,7 +161,31 @@ def build_hf_model(model, device: torch.device | str = "cpu", attn_implementatio
                            f"unexpected {unexpected}")
     if model.args.tie_embeddings and ref.lm_head.weight.data_ptr() != ref.model.embed_tokens.weight.data_ptr():
         raise RuntimeError(f"{type(ref).__name__} did not tie lm_head to embed_tokens")
-    return ref.to(dtype).train()
+    ref = ref.to(dtype).train()
+    if dtype == torch.float64:
+        float64_norms_and_rope(ref.model)
+    return ref
+
+
+def float64_norms_and_rope(ref):
+    """transformers rounds RMSNorm and the RoPE angles (and eager attention's softmax) to fp32
+    whatever the model's dtype; for the float64 (exact-algebra) comparisons its modules (``ref``:
+    a LlamaModel-like body with ``rotary_emb``) compute them in float64 instead, the same
+    formulas, so both sides agree to float64 rounding."""
+    import types
+
+    def rmsnorm(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def rotary(self, x, position_ids):
+        freqs = position_ids[..., None].double() * self.inv_freq.double()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    for m in ref.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.forward = types.MethodType(rmsnorm, m)
+    ref.rotary_emb.forward = types.MethodType(rotary, ref.rotary_emb)
 
 
 def _bow(logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -249,5 +274,5 @@ def reference_step(model, batch: PaddedBatch, optimizer, *, device: torch.device
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    vals = torch.stack([total.detach(), lm.detach(), ebae.detach(), ebar.detach(), grad_norm.float()]).tolist()
+    vals = torch.stack([total.detach(), lm.detach(), ebae.detach(), ebar.detach(), grad_norm.to(total.dtype)]).tolist()
     return dict(zip(("loss", "lm", "ebae", "ebar", "grad_norm"), vals))

@@ -1,7 +1,7 @@
 """Training throughput: llara_fast's step vs a faithful baseline of the reference (issue #7).
 
     python benchmarks/throughput.py [--model PRESET|DIR] [--layers L] [--impl ours|reference|both]
-        [--steps N] [--warmup W] [--passages-per-step P] [--max-len N] [--dtype auto|fp32|bf16]
+        [--steps N] [--warmup W] [--passages-per-step P] [--max-len N] [--dtype auto|fp32|bf16|fp64]
         [--compile auto|on|off] [--attn BACKEND] [--loss-impl IMPL] [--lm-chunk-rows N] [--no-reshard]
         [--ac none|selective|full] [--token-budget T] [--profile FILE.json]
         [--ref-precision deepspeed|autocast] [--synthetic | --data-dir DIR] [--random-init] [--tokenizer PATH]
@@ -107,8 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 on CPU, 5 on GPU)")
     p.add_argument("--passages-per-step", type=int, default=None, help="P (default 8 on CPU, 32 on GPU)")
     p.add_argument("--max-len", type=int, default=512, help="passage (TEXT) tokens per example")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 on GPU (ours: FSDP param_dtype; reference: autocast), fp32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp64"],
+                   help="auto: bf16 on GPU (ours: FSDP param_dtype; reference: autocast), fp32 on CPU; fp64: CPU "
+                        "only, both sides in float64 (their losses then agree to float64 rounding: a check)")
     p.add_argument("--ref-precision", default="deepspeed", choices=["deepspeed", "autocast"],
                    help="reference in bf16: deepspeed = bf16 module + fp32 master weights in the optimizer (as the "
                         "released code ran, ZeRO-1); autocast = fp32 module under torch.autocast (HF Trainer bf16)")
@@ -153,6 +154,8 @@ def parse_args(argv=None):
     if a.steps < 1 or a.warmup < 0 or a.passages_per_step < 1 or a.max_len < 1:
         p.error("--steps, --passages-per-step, --max-len must be >= 1 and --warmup >= 0")
     a.dtype = {"auto": "bf16" if gpu else "fp32"}.get(a.dtype, a.dtype)
+    if gpu and a.dtype == "fp64":
+        p.error("--dtype fp64 runs on the CPU only (pass --device cpu)")
     return a
 
 
@@ -290,9 +293,10 @@ def run_ours(a, pristine, step_batches, device, dtype) -> dict:
 def run_reference(a, pristine, step_batches, device, dtype) -> dict:
     mem = PeakMemory(device)
     mem.start()
-    model = reference_llara.build_hf_model(pristine, device=device)
+    model = reference_llara.build_hf_model(pristine, device=device,
+                                           dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     amp = None
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         optimizer = reference_llara.build_optimizer(model, a.lr, weight_decay=0.0)
     elif a.ref_precision == "deepspeed":  # bf16 module, fp32 master weights in the optimizer
         model.to(dtype)
@@ -358,7 +362,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     load0 = round(os.getloadavg()[0], 2)  # other processes competing for the cores (CPU runs)
     device = torch.device(a.device, torch.cuda.current_device()) if a.device == "cuda" else torch.device("cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[a.dtype]
     # CPU: the glibc settings pretrain runs with, process-wide, so both implementations get them
     malloc_tuned = device.type == "cpu" and tune_cpu_malloc()
     t_setup = time.perf_counter()
@@ -402,7 +406,7 @@ def main(argv=None) -> dict:
             "params_M": round(model.args.num_params() / 1e6, 1), "vocab": model.args.vocab_size,
             "dtype": a.dtype, "data": a.data_dir or ("synthetic" if a.synthetic else "wiki-sample"), "max_len": a.max_len,
             "passages_per_step": P, "micro_batches_ours": len(ours_batches[0]), "steps": a.steps,
-            "warmup": a.warmup, "ref_precision": a.ref_precision if dtype != torch.float32 else "fp32",
+            "warmup": a.warmup, "ref_precision": a.ref_precision if dtype == torch.bfloat16 else a.dtype,
             "attn": a.attn, "loss_impl": a.loss_impl, "lm_chunk_rows": a.lm_chunk_rows, "compile": a.compile,
             "reshard": not a.no_reshard, "ac": a.ac, "fast_path_ours": raw.get("ours", {}).get("fast_path"),
             "mean_passage_tokens": round(float(np.mean([len(e.text_ids) for e in examples])), 1),

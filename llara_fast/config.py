@@ -246,7 +246,7 @@ def opt(default, help: str, choices: tuple[str, ...] | None = None):
 
 
 # ---- dtype names: one spelling per dtype inside, both spellings accepted wherever one is named --
-DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
 def show_choices(choices) -> str:
@@ -255,7 +255,7 @@ def show_choices(choices) -> str:
 
 
 def dtype_name(value, allowed=tuple(DTYPE_SHORT), what: str = "dtype") -> str:
-    """The canonical name (float32, bfloat16, float16) of a dtype spelled either way (fp32 or
+    """The canonical name (float32, bfloat16, float16, float64) of a dtype spelled either way (fp32 or
     float32, also torch.float32), when it is one of ``allowed``; else a UserError listing them."""
     v = str(value).strip().lower().removeprefix("torch.")
     v = {short: name for name, short in DTYPE_SHORT.items()}.get(v, v)

@@ -169,5 +169,7 @@ class Transformer(nn.Module):
         return self.norm(h)  # (N, d)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits for a few rows (N', d) -> (N', V). Losses use the fused kernels instead."""
-        return hidden.float() @ self.lm_head_weight.float().t()  # (N', V)
+        """fp32 logits (float64 for a float64 model) for a few rows (N', d) -> (N', V). Losses use
+        the fused kernels instead."""
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        return hidden.to(acc) @ self.lm_head_weight.to(acc).t()  # (N', V)

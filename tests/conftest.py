@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +25,10 @@ if os.environ.pop("LLARA_TEST_MATMUL", "") == "shuffled":  # scripts/numerics_ma
 
 from llara_fast.batch import Example
 from llara_fast.templates import Template
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+# transformers' norms and RoPE in float64 for the exact-algebra comparisons (one home: the benchmark's reference)
+from reference_llara import float64_norms_and_rope as _float64_norms_and_rope  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -86,26 +91,6 @@ def hf_reference_model(model):
     if ref.embed_tokens.weight.dtype == torch.float64:
         _float64_norms_and_rope(ref)
     return ref.eval()
-
-
-def _float64_norms_and_rope(ref):
-    """transformers rounds RMSNorm and the RoPE angles (and eager attention's softmax) to fp32 whatever the model's dtype; for
-    the float64 (exact-algebra) comparisons its modules compute them in float64 instead, the
-    same formulas, so both sides agree to float64 rounding."""
-    import types
-
-    def rmsnorm(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    def rotary(self, x, position_ids):
-        freqs = position_ids[..., None].double() * self.inv_freq.double()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
-
-    for m in ref.modules():
-        if type(m).__name__.endswith("RMSNorm"):
-            m.forward = types.MethodType(rmsnorm, m)
-    ref.rotary_emb.forward = types.MethodType(rotary, ref.rotary_emb)
 
 
 CUDA = torch.cuda.is_available()

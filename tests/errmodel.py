@@ -48,6 +48,20 @@ its opmath type), γ_n = n·u / (1 - n·u):
   itself runs in fp32 on float64 states (the model card's `.float().mean(1)`, then normalize),
   `pooled_unit_tol` bounds the result.
 
+TRAINING RUNS compared across process counts (1 process vs 2 with FSDP2 and negatives gathered
+across ranks, GradCache vs one piece, ours vs the benchmark's reference) run the same algebra in
+another order: the gradient all-reduce groups the ranks' shares differently, GEMMs see other shapes.
+Both sides run with `--run.dtype float64`. Each reduction then errs by γ_n·Σ|terms| with u = 2^-53,
+and AdamW's update m/(√v + eps) passes a gradient difference δ on as at most lr·δ/eps per element
+(as the relative δ/|g| where |g| ≫ eps); with eps = 1e-8 that is ≤ lr·n·1.1e-8·Σ|terms|, reached only
+where the gradient cancels to ~eps, whose first-order effect on the loss is |g|·Δw ≤ eps·Δw. After a
+few steps the logged loss, its parts and the gradient norm agree to ~1e-13 (1e-15 measured):
+ALGEBRA_RTOL. In fp32 (u = 2^-24) δ can exceed eps and flip a weight's whole lr-sized step, so no
+order-free bound exists: these comparisons are never made in fp32. A real defect (negatives not
+shared across ranks, a gradient averaged wrongly even by 1e-6, a dropped negative) moves the loss or
+the gradient norm by ≥ 1e-6 relative, and the tests keep a negative check (cross_rank false changes
+the loss by > 1e-3).
+
 The float64 truth itself errs by the same bounds with u = 2^-53, 2^29 times less: it is ignored.
 A real defect moves a result by the size of a term — a 1% error in a target weight, a dropped
 vocabulary column, a dropped key, a wrong mask — and the tests check that each of these falls

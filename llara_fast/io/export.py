@@ -320,12 +320,14 @@ q = enc.encode_queries(["What is a llama?"])
 
 
 def gather_trained(module, model, lora: dict):
-    """A trained (FSDP) train module's weights as a plain fp32 model on rank 0's CPU, LoRA merged
-    (``lora``: the run's [lora] section); None on the other ranks. Every rank must call it."""
+    """A trained (FSDP) train module's weights as a plain fp32 model (float64 from a float64 run)
+    on rank 0's CPU, LoRA merged (``lora``: the run's [lora] section); None on the other ranks.
+    Every rank must call it."""
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    return materialise(meta_model(dataclasses.replace(model.args), lora), {k: v.float() for k, v in full.items()})
+    state = {k: v.to(torch.promote_types(v.dtype, torch.float32)) for k, v in full.items()}  # fp32 at least
+    return materialise(meta_model(dataclasses.replace(model.args), lora), state)
 
 
 def export_trained(module, model, tokenizer, prompts: PromptConfig, out_dir: Path, lora: dict, source: str,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llara_fast.kernels import accumulate_mm_, use_triton
+from llara_fast.kernels import acc_dtype, accumulate_mm_, check_dtypes, use_triton
 
 _NEG = tl.constexpr(-1.0e30)  # a finite -inf for running maxima (keeps exp() free of inf - inf)
 
@@ -81,15 +81,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check(hidden, weight, offsets, ids, pooling):
+def _check(hidden, weight, offsets, ids, pooling, triton: bool):
     if pooling not in ("max", "mean"):
         raise ValueError(f"bow_xent: pooling must be 'max' or 'mean', got {pooling!r}")
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(f"bow_xent: expected hidden (E, K, d) and weight (V, d), got {tuple(hidden.shape)} "
                          f"and {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"bow_xent: hidden and weight must share a float dtype (fp32/fp16/bf16), got "
-                        f"{hidden.dtype} and {weight.dtype}")
+    check_dtypes("bow_xent", hidden, weight, triton)
     if hidden.shape[1] > 127:
         raise ValueError(f"bow_xent: at most 127 rows per example, got {hidden.shape[1]}")
     if offsets.dim() != 1 or offsets.shape[0] != hidden.shape[0] + 1 or ids.dim() != 1:
@@ -104,9 +102,10 @@ def _check(hidden, weight, offsets, ids, pooling):
                              f"[0, {weight.shape[0]})")
 
 
-def target_weights(offsets: torch.Tensor, ids: torch.Tensor, vocab: int):
+def target_weights(offsets: torch.Tensor, ids: torch.Tensor, vocab: int, dtype: torch.dtype = torch.float32):
     """For CSR targets: (example of each id (nnz,), weight 1/|set| on the first occurrence of each
-    distinct id and 0 on repeats (nnz,), set sizes (E,)). Static shapes, no host sync."""
+    distinct id and 0 on repeats (nnz,), set sizes (E,)), the weights and sizes in ``dtype``.
+    Static shapes, no host sync."""
     E = offsets.shape[0] - 1
     nnz = ids.shape[0]
     seg = torch.searchsorted(offsets[1:].long(), torch.arange(nnz, device=ids.device), right=True)  # (nnz,)
@@ -115,18 +114,19 @@ def target_weights(offsets: torch.Tensor, ids: torch.Tensor, vocab: int):
     first_sorted = torch.ones_like(sorted_key, dtype=torch.bool)
     first_sorted[1:] = sorted_key[1:] != sorted_key[:-1]
     first = torch.empty_like(first_sorted).scatter_(0, order, first_sorted)  # (nnz,)
-    count = torch.zeros(E, device=ids.device, dtype=torch.float32).index_add_(0, seg, first.float())  # (E,)
-    weight = first.float() / count.clamp(min=1)[seg]  # (nnz,)
+    count = torch.zeros(E, device=ids.device, dtype=dtype).index_add_(0, seg, first.to(dtype))  # (E,)
+    weight = first.to(dtype) / count.clamp(min=1)[seg]  # (nnz,)
     return seg, weight, count
 
 
 def _bow_fwd_torch(hidden, weight, z, arg, pooling, budget_bytes: int = 32 * 2**20):
-    """The forward tile pass in plain PyTorch, chunked over examples (CPU path)."""
+    """The forward tile pass in plain PyTorch, chunked over examples (CPU path); the logits in
+    z's dtype (fp32, or float64 for float64 inputs)."""
     E, K, _ = hidden.shape
     V = weight.shape[0]
-    chunk = max(1, budget_bytes // (4 * K * V))
+    chunk = max(1, budget_bytes // (z.element_size() * K * V))
     for e0 in range(0, E, chunk):
-        logits = (hidden[e0:e0 + chunk] @ weight.t()).float()  # (C, K, V)
+        logits = (hidden[e0:e0 + chunk] @ weight.t()).to(z.dtype)  # (C, K, V)
         if pooling == "max":
             zc, ac = logits.max(dim=1)  # (C, V) each
             arg[e0:e0 + chunk] = ac.to(torch.int8)
@@ -160,19 +160,21 @@ def _bow_fwd_triton(hidden, weight, z, arg, pooling):
 
 def bow_xent_forward(hidden, weight, offsets, ids, pooling: str = "max", impl: str = "auto"):
     """(loss (E,), valid (E,), saved for backward)."""
-    _check(hidden, weight, offsets, ids, pooling)
+    triton_path = use_triton(hidden.device, impl, hidden.dtype)
+    _check(hidden, weight, offsets, ids, pooling, triton_path)
     E, V = hidden.shape[0], weight.shape[0]
     hidden, weight = hidden.contiguous(), weight.contiguous()
-    z = _empty((E, V), device=hidden.device, dtype=torch.float32)  # (E, V) pooled logits
+    acc = acc_dtype(hidden.dtype)
+    z = _empty((E, V), device=hidden.device, dtype=acc)  # (E, V) pooled logits
     arg = _empty((E, V), device=hidden.device, dtype=torch.int8) if pooling == "max" else None
     if E == 0:
         lse = z.new_zeros(0)
-    elif use_triton(hidden.device, impl):
+    elif triton_path:
         lse = _bow_fwd_triton(hidden, weight, z, arg, pooling)  # (E,)
     else:
         lse = _bow_fwd_torch(hidden, weight, z, arg, pooling)  # (E,)
-    seg, w, count = target_weights(offsets, ids, V)
-    target_mean = torch.zeros(E, device=hidden.device, dtype=torch.float32).index_add_(
+    seg, w, count = target_weights(offsets, ids, V, acc)
+    target_mean = torch.zeros(E, device=hidden.device, dtype=acc).index_add_(
         0, seg, z[seg, ids.long()] * w)  # (E,)
     valid = count > 0
     loss = torch.where(valid, lse - target_mean, torch.zeros_like(lse))  # (E,)
@@ -182,12 +184,12 @@ def bow_xent_forward(hidden, weight, offsets, ids, pooling: str = "max", impl: s
 def bow_xent_backward(grad_loss, hidden, weight, ids, saved, pooling: str = "max"):
     z, arg, lse, seg, w, valid = saved
     E, K, _ = hidden.shape
-    g = torch.where(valid, grad_loss.float(), torch.zeros_like(grad_loss, dtype=torch.float32))  # (E,)
-    dz = torch.exp(z - lse[:, None]) * g[:, None]  # (E, V) fp32, the softmax part
+    g = torch.where(valid, grad_loss.to(z.dtype), torch.zeros_like(grad_loss, dtype=z.dtype))  # (E,)
+    dz = torch.exp(z - lse[:, None]) * g[:, None]  # (E, V) fp32 (float64), the softmax part
     dz.index_put_((seg, ids.long()), -(g[seg] * w), accumulate=True)  # minus the target mean part
     dt = hidden.dtype
     # (V, d): the first product overwrites it, so it is zero-filled only when there is none
-    grad_w = (_empty if K else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32)
+    grad_w = (_empty if K else torch.zeros)(weight.shape, device=weight.device, dtype=z.dtype)
     if pooling == "max":
         grad_h = _empty(hidden.shape, device=hidden.device, dtype=hidden.dtype)  # (E, K, d)
         for k in range(K):
@@ -230,5 +232,6 @@ class BowXentFunction(torch.autograd.Function):
 
 
 def bow_xent(hidden, weight, offsets, ids, pooling: str = "max", impl: str = "auto"):
-    """(loss (E,) fp32, valid (E,) bool): per-example bag-of-words CE; see the module docstring."""
+    """(loss (E,) fp32 (float64 for float64 inputs), valid (E,) bool): per-example bag-of-words CE;
+    see the module docstring."""
     return BowXentFunction.apply(hidden, weight, offsets, ids, pooling, impl)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llara_fast.kernels import accumulate_mm_, use_triton
+from llara_fast.kernels import acc_dtype, accumulate_mm_, check_dtypes, use_triton
 
 
 def _empty(shape, device, dtype) -> torch.Tensor:
@@ -52,8 +52,9 @@ def _xent_rows_kernel(LOGITS, TARGETS, LOSS, stride_row, V, scale,
 
 
 def _xent_rows_torch(logits, targets, losses, scale: float, write_grad: bool):
-    """The row kernel in plain PyTorch (CPU path), same in-place contract."""
-    x = logits.float()  # (C, V)
+    """The row kernel in plain PyTorch (CPU path), same in-place contract; in the losses' dtype
+    (fp32, or float64 for float64 logits)."""
+    x = logits.to(losses.dtype)  # (C, V)
     lse = torch.logsumexp(x, dim=1)  # (C,)
     losses.copy_(lse - x.gather(1, targets[:, None].long()).squeeze(1))
     if write_grad:
@@ -62,15 +63,13 @@ def _xent_rows_torch(logits, targets, losses, scale: float, write_grad: bool):
         logits.copy_(g)
 
 
-def _check(hidden, weight, targets):
+def _check(hidden, weight, targets, triton: bool):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_xent: expected hidden (M, d) and weight (V, d), got {tuple(hidden.shape)} "
                          f"and {tuple(weight.shape)}")
     if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
         raise ValueError(f"linear_xent: targets must be ({hidden.shape[0]},), got {tuple(targets.shape)}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"linear_xent: hidden and weight must share a float dtype (fp32/fp16/bf16), got "
-                        f"{hidden.dtype} and {weight.dtype}")
+    check_dtypes("linear_xent", hidden, weight, triton)
     if targets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"linear_xent: targets must be int32/int64, got {targets.dtype}")
     if targets.device.type == "cpu" and targets.numel():  # on CUDA this would be a host sync
@@ -97,16 +96,18 @@ def default_chunk_rows(vocab: int, rows: int, device_type: str = "cpu") -> int:
 
 def linear_xent_forward(hidden, weight, targets, chunk_rows: int | None = None, need_grad: bool = True,
                         impl: str = "auto"):
-    """Returns (mean loss (), grad_hidden (M, d) or None, grad_weight fp32 (V, d) or None)."""
-    _check(hidden, weight, targets)
-    triton_rows = use_triton(hidden.device, impl)
+    """Returns (mean loss (), grad_hidden (M, d) or None, grad_weight fp32 (V, d) or None); the
+    loss and grad_weight in float64 for float64 inputs."""
+    triton_rows = use_triton(hidden.device, impl, hidden.dtype)
+    _check(hidden, weight, targets, triton_rows)
     M, V = hidden.shape[0], weight.shape[0]
     chunk = chunk_rows or default_chunk_rows(V, M, hidden.device.type)
-    losses = _empty((M,), device=hidden.device, dtype=torch.float32)  # (M,)
+    acc = acc_dtype(hidden.dtype)
+    losses = _empty((M,), device=hidden.device, dtype=acc)  # (M,)
     grad_h = _empty(hidden.shape, device=hidden.device, dtype=hidden.dtype) if need_grad else None  # (M, d)
     grad_w = None
     if need_grad:  # the first chunk overwrites it: zero-filled only when there is no chunk
-        grad_w = (_empty if M else torch.zeros)(weight.shape, device=weight.device, dtype=torch.float32)
+        grad_w = (_empty if M else torch.zeros)(weight.shape, device=weight.device, dtype=acc)
     scale = 1.0 / max(M, 1)
     targets = targets.contiguous()
     for c0 in range(0, M, chunk):

@@ -188,14 +188,14 @@ class ContrastiveObjective:
         p_grads = ps.grad.split([mb.n_queries * mb.group for mb in micro_batches])
         self._cache = [(rng, e, torch.cat([gq, gp])) for rng, e, gq, gp in zip(self._cache, embs, q_grads, p_grads)]
         self._cache.append(after)
-        self._parts = torch.stack([loss.detach().float(), hits.float()])
+        self._parts = torch.stack([loss.detach(), hits.to(loss.dtype)])  # fp32 (float64 in a float64 run)
         self._next, self._replay = 0, torch.zeros((), device=device)
 
     def forward(self, module: nn.Module, mb, counts: torch.Tensor, device: torch.device):
         batch, special = mb.batch.to(device, non_blocking=True), mb.special.to(device)
         if not self.cfg.grad_cache:
             loss, hits = module(batch, special, mb.n_queries, mb.group, self.n_queries)
-            return loss, torch.stack([loss.detach().float(), hits.float()])
+            return loss, torch.stack([loss.detach(), hits.to(loss.dtype)])
         rng, first, grad = self._cache[self._next]
         _set_rng_state(rng, device)
         surrogate, emb = module(batch, special, mb.n_queries, mb.group, self.n_queries, grad)

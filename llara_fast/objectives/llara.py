@@ -4,7 +4,8 @@
 
 LM is the next-token CE over the TEXT tokens of the batch; EBAE / EBAR are the pooled
 bag-of-words CEs at <s1>..<sK> / <s9>..<s(8+K)>, each averaged over the examples whose
-target set is not empty. All logits are fp32 (accumulated in fp32 from the compute dtype).
+target set is not empty. All logits are fp32 (accumulated in fp32 from the compute dtype), or
+float64 in a float64 run.
 
 Ablations: ``tasks`` = "ebae" or "ebar" keeps one of the two, total = w_lm · LM + w_bow · that
 task's mean; the other is still computed, without a graph, and logged.
@@ -20,6 +21,7 @@ import torch.nn as nn
 from llara_fast.batch import PackedBatch
 from llara_fast.config import opt
 from llara_fast.errors import UserError
+from llara_fast.kernels import acc_dtype
 from llara_fast.kernels.bow_xent import bow_xent
 from llara_fast.kernels.linear_xent import linear_xent
 from llara_fast.kernels.reference import bow_xent_reference, linear_xent_reference
@@ -51,7 +53,7 @@ class LossConfig:
 
 @dataclass
 class LossOutput:
-    total: torch.Tensor  # () fp32, differentiable
+    total: torch.Tensor  # () fp32 (float64 in a float64 run), differentiable
     lm: torch.Tensor     # () detached parts, for logging
     ebae: torch.Tensor
     ebar: torch.Tensor
@@ -84,7 +86,8 @@ def llara_loss(hidden: torch.Tensor, batch: PackedBatch, head_weight: torch.Tens
     one micro-batch of several; each part is then this batch's share of the step's mean."""
     if hidden.dim() != 2 or hidden.shape[0] != batch.num_tokens:
         raise ValueError(f"hidden must be (N={batch.num_tokens}, d), got {tuple(hidden.shape)}")
-    zero = hidden.new_zeros((), dtype=torch.float32)
+    acc = acc_dtype(hidden.dtype)  # the losses' dtype: fp32, float64 for float64 states
+    zero = hidden.new_zeros((), dtype=acc)
     M = batch.lm_positions.numel()
     if cfg.w_lm != 0 and M > 0:
         h = hidden[batch.lm_positions]  # (M, d)
@@ -100,7 +103,7 @@ def llara_loss(hidden: torch.Tensor, batch: PackedBatch, head_weight: torch.Tens
         ebar_sum, n_ebar = _bow_sum(hidden, batch.pred_positions, batch.pred_offsets, batch.pred_ids, head_weight, cfg)
     if denominators is None:
         denominators = torch.stack([torch.tensor(float(M), device=hidden.device), n_ebae.float(), n_ebar.float()])
-    d = denominators.to(hidden.device, torch.float32).clamp(min=1)
+    d = denominators.to(hidden.device, acc).clamp(min=1)
     lm, ebae, ebar = lm_sum / d[0], ebae_sum / d[1], ebar_sum / d[2]
     bow = {"ebae,ebar": (ebae + ebar) / 2, "ebae": ebae, "ebar": ebar}[cfg.tasks]
     total = cfg.w_lm * lm + cfg.w_bow * bow

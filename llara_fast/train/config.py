@@ -67,8 +67,9 @@ class RunConfig:
     resume: bool = opt(False, "continue from the newest checkpoint of out_dir that verifies")
     overwrite: bool = opt(False, "start afresh in an out_dir that holds another run (its files are deleted)")
     device: str = opt("auto", "auto, cpu or cuda", ("auto", "cpu", "cuda"))
-    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32 (fp32), bfloat16 (bf16)",
-                     ("auto", "float32", "bfloat16"))
+    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32 (fp32), bfloat16 (bf16), or float64 (fp64, "
+                     "CPU only: weights, gradients, their reduction and the losses in float64, for exact comparisons)",
+                     ("auto", "float32", "bfloat16", "float64"))
     max_nonfinite: int = opt(3, "stop after this many consecutive non-finite steps")
     diverge_loss: float = opt(100.0, "divergence: a step whose loss exceeds this multiple of the median of the "
                               "previous 20 steps (a median below 1 counts as 1) stops the run (0: off)")

@@ -152,8 +152,9 @@ class Evaluator:
         result, msg = None, None
         if t.rank == 0:
             try:
-                dtype = torch.bfloat16 if t.device.type == "cuda" else torch.float32
-                enc_model = plain if (t.device.type, dtype) == ("cpu", torch.float32) else materialise(
+                # bf16 on GPU, fp32 on CPU (float64 in a float64 run, which is CPU-only): as plain is
+                dtype = torch.bfloat16 if t.device.type == "cuda" else next(plain.parameters()).dtype
+                enc_model = plain if t.device.type == "cpu" else materialise(
                     meta_model(plain.args), {k: v.to(t.device, dtype) for k, v in plain.state_dict().items()})
                 enc = Encoder(enc_model, self.tokenizer, self.prompts, max_len=self.cfg.max_len, device=t.device,
                               dtype=dtype)

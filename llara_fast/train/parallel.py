@@ -12,11 +12,14 @@ from llara_fast.attention import prepare_compile
 AC_MODES = ("none", "selective", "full")
 
 
-def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype, reduce_dtype=torch.float32,
+def apply_fsdp(root: nn.Module, blocks: nn.ModuleList, param_dtype: torch.dtype, reduce_dtype=None,
                reshard: bool = True):
     """fully_shard each block, then the root (embedding, final norm, head and the loss that uses them).
-    On GPU: bf16 parameters in compute, fp32 gradient reduction; on CPU: fp32 throughout.
+    On GPU: bf16 parameters in compute, fp32 gradient reduction; on CPU: fp32 throughout (float64
+    throughout in a float64 run). reduce_dtype None: param_dtype, fp32 at least.
     reshard=False keeps every block's gathered parameters from its forward to its backward."""
+    if reduce_dtype is None:
+        reduce_dtype = torch.promote_types(param_dtype, torch.float32)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: keep them.

@@ -64,7 +64,9 @@ def optimizer_step(module: nn.Module, micro_batches: Sequence, optimizer: torch.
     counts = all_reduce_(objective.counts(micro_batches).to(device))  # one small collective
     if hasattr(objective, "prepare"):  # e.g. GradCache's first pass over the whole step
         objective.prepare(module, micro_batches, counts, device)
-    parts = torch.zeros(objective.n_parts, device=device, dtype=torch.float32)
+    # the logged values in the (master) parameters' dtype, fp32 at least: float64 in a float64 run
+    acc = torch.promote_types(next(module.parameters(), torch.empty(0)).dtype, torch.float32)
+    parts = torch.zeros(objective.n_parts, device=device, dtype=acc)
     for i, mb in enumerate(micro_batches):
         if hasattr(module, "set_requires_gradient_sync"):  # FSDP2: reduce once, after the last
             module.set_requires_gradient_sync(i == len(micro_batches) - 1)
@@ -76,7 +78,7 @@ def optimizer_step(module: nn.Module, micro_batches: Sequence, optimizer: torch.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    vals = torch.cat([parts, grad_norm.float().reshape(1).to(device)]).tolist()  # the step's one host sync
+    vals = torch.cat([parts, grad_norm.to(acc).reshape(1).to(device)]).tolist()  # the step's one host sync
     skipped = not all(math.isfinite(v) for v in vals)
     if not skipped:
         optimizer.step()

@@ -56,7 +56,7 @@ from llara_fast.train.parallel import parallelize
 from llara_fast.train.report import Reporter, check_report_to, plot_losses
 from llara_fast.train.step import StepStats, build_optimizer, lr_lambda, optimizer_step
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def _free_port() -> int:
@@ -85,7 +85,10 @@ def init_run(run) -> tuple[int, int, torch.device, torch.dtype]:
     auto = torch.bfloat16 if on_gpu else torch.float32
     dtype = auto if run.dtype == "auto" else DTYPES.get(run.dtype)
     if dtype is None:
-        raise ConfigError(f"run.dtype must be auto, float32 or bfloat16, got {run.dtype!r}")
+        raise ConfigError(f"run.dtype must be auto, float32, bfloat16 or float64, got {run.dtype!r}")
+    if dtype == torch.float64 and on_gpu:
+        raise ConfigError("run.dtype float64 runs on the CPU only (exact comparisons); on CUDA use bfloat16 or "
+                          "float32, or pass --run.device cpu")
     rank, world = init_distributed(dev_type)
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -108,7 +111,8 @@ def fast_path(cfg, device: torch.device, dtype: torch.dtype) -> dict:
            "dtype": str(dtype).removeprefix("torch."), "reshard": m.reshard, "ac": m.ac}
     impl = getattr(getattr(cfg, "loss", None), "impl", None)
     if impl is not None:
-        out["losses"] = impl if impl == "reference" else ("triton" if use_triton(device, impl) else "torch (chunked)")
+        out["losses"] = impl if impl == "reference" else ("triton" if use_triton(device, impl, dtype) else
+                                                          "torch (chunked)")
     return out
 
 
@@ -422,8 +426,9 @@ class Trainer:
         self.model, self.objective = model, objective
         self.loss_parts = tuple(getattr(objective, "loss_parts", ()))  # beside the total in RUN/loss.png
         self.log(f"{self.job} on {self.device.type}: {describe_fast_path(self.fast_path)}")
-        self.module = parallelize(model, module.to(self.device), m.ac, self.fast_path["compile"], self.dtype,
-                                  m.reshard)
+        # fp32 master weights (bf16 only in compute); a float64 run's are float64
+        module = module.to(self.device, torch.float64) if self.dtype == torch.float64 else module.to(self.device)
+        self.module = parallelize(model, module, m.ac, self.fast_path["compile"], self.dtype, m.reshard)
         self.optimizer = build_optimizer(self.module, o.lr, o.weight_decay, (o.beta1, o.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SAME_ORDER, hooked, run_entry
+from errmodel import ALGEBRA_RTOL
 
 COMMON = ["--model.name", "debug", "--model.random_init", "true", "--data.limit", "24", "--data.negatives", "2",
           "--optim.lr", "1e-3", "--optim.warmup_steps", "1", "--run.export", "false"]
@@ -26,18 +27,19 @@ def test_grad_cache_run_matches_one_piece(tmp_path):
     negatives): the 4-query step of the one-piece run, step for step (the same queries, one
     contrastive batch); a chunk that does not divide is refused."""
     one, cached = tmp_path / "one", tmp_path / "cached"
-    _run([*COMMON, "--data.queries", "4", "--run.steps", "2", "--run.out_dir", str(one)])
-    _run([*COMMON, "--data.queries", "4", "--run.steps", "2", "--run.out_dir", str(cached),
+    f64 = ["--run.dtype", "float64"]  # algebra: float64 on every side, so ALGEBRA_RTOL (tests/errmodel.py)
+    _run([*COMMON, *f64, "--data.queries", "4", "--run.steps", "2", "--run.out_dir", str(one)])
+    _run([*COMMON, *f64, "--data.queries", "4", "--run.steps", "2", "--run.out_dir", str(cached),
           "--contrastive.grad_cache", "true", "--contrastive.chunk", "1"])
     # and over 2 FSDP processes, each with 2 queries in chunks of 1, negatives shared across ranks
     two = tmp_path / "two"
-    _run([*COMMON, "--data.queries", "2", "--run.steps", "2", "--run.out_dir", str(two),
+    _run([*COMMON, *f64, "--data.queries", "2", "--run.steps", "2", "--run.out_dir", str(two),
           "--contrastive.grad_cache", "true", "--contrastive.chunk", "1"], nproc=2)
     for run in (cached, two):
         for x, y in zip(_metrics(one), _metrics(run), strict=True):
             assert x["queries"] == y["queries"] == 4 and x["passages"] == y["passages"]
             for k in ("loss", "accuracy", "grad_norm"):
-                assert x[k] == pytest.approx(y[k], rel=1e-5), (run.name, x["step"], k)
+                assert x[k] == pytest.approx(y[k], rel=ALGEBRA_RTOL, abs=0), (run.name, x["step"], k)
     p = _run([*COMMON, "--data.queries", "4", "--run.steps", "1", "--run.out_dir", str(tmp_path / "bad"),
               "--contrastive.grad_cache", "true", "--contrastive.chunk", "3"], check=False)
     assert p.returncode != 0 and "must divide" in p.stderr
@@ -46,17 +48,18 @@ def test_grad_cache_run_matches_one_piece(tmp_path):
 def test_two_processes_share_negatives_and_match_one(tmp_path):
     """4 queries per step: 1 process x 4 == 2 processes x 2 with passages gathered across ranks."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([*COMMON, "--data.queries", "4", "--run.steps", "4", "--run.out_dir", str(one)])
-    _run([*COMMON, "--data.queries", "2", "--run.steps", "4", "--run.out_dir", str(two)], nproc=2)
+    f64 = ["--run.dtype", "float64"]  # algebra: float64 on both sides, so ALGEBRA_RTOL (tests/errmodel.py)
+    _run([*COMMON, *f64, "--data.queries", "4", "--run.steps", "4", "--run.out_dir", str(one)])
+    _run([*COMMON, *f64, "--data.queries", "2", "--run.steps", "4", "--run.out_dir", str(two)], nproc=2)
     a, b = _metrics(one), _metrics(two)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert x["queries"] == y["queries"] == 4 and x["passages"] == y["passages"] == 12
         for k in ("loss", "accuracy", "grad_norm"):
-            assert x[k] == pytest.approx(y[k], rel=1e-5), (x["step"], k)
+            assert x[k] == pytest.approx(y[k], rel=ALGEBRA_RTOL, abs=0), (x["step"], k)
     # without cross-rank sharing each query sees only its rank's 6 passages: a different loss
     local = tmp_path / "local"
-    _run([*COMMON, "--data.queries", "2", "--run.steps", "1", "--run.out_dir", str(local),
+    _run([*COMMON, *f64, "--data.queries", "2", "--run.steps", "1", "--run.out_dir", str(local),
           "--contrastive.cross_rank", "false"], nproc=2)
     assert abs(_metrics(local)[0]["loss"] - a[0]["loss"]) > 1e-3
 

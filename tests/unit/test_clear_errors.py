@@ -31,7 +31,7 @@ def test_run_device_cuda_without_cuda(tmp_path, in_process_group, capsys):
     (PretrainConfig, "model.attn", "flash", "auto, sdpa, torch_varlen, flash_attn, flex, triton"),
     (PretrainConfig, "optim.decay", "cosin", "cosine, linear, constant"),
     (PretrainConfig, "run.device", "gpu", "auto, cpu, cuda"),
-    (PretrainConfig, "run.dtype", "fp16", "auto, float32 (fp32), bfloat16 (bf16)"),
+    (PretrainConfig, "run.dtype", "fp16", "auto, float32 (fp32), bfloat16 (bf16), float64 (fp64)"),
     (PretrainConfig, "loss.impl", "cuda", "auto, triton, torch, reference"),
     (PretrainConfig, "loss.pooling", "avg", "max, mean"),
     (PretrainConfig, "loss.tasks", "lm", "ebae,ebar, ebae, ebar"),

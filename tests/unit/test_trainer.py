@@ -1,5 +1,6 @@
-"""llara_fast/train/trainer.py pieces that need no run: the stop signals. (Runs themselves, with a
-real stop and resume, are tests/e2e/test_runs.py.)"""
+"""llara_fast/train/trainer.py pieces that need no run: the stop signals, the divergence guard,
+and one in-process step of a tiny float64 run. (Runs themselves, with a real stop and resume, are
+tests/e2e/test_runs.py.)"""
 import os
 import signal
 
@@ -94,3 +95,73 @@ def test_config_paths_are_stored_absolute_and_only_paths(tmp_path, monkeypatch):
     assert got.data.format == "text" and got.model.name == "smollm2-135m"
     assert got.data.input == str(tmp_path / "in.jsonl") and got.run.out_dir == str(tmp_path / "runs" / "x")
     assert cfg.data.input == "in.jsonl"  # a copy
+
+
+def _float64_trainer(tmp_path, dtype: str):
+    """A Trainer with run.dtype ``dtype`` (either spelling) on the CPU around a tiny model (fp32 as
+    loaded), built with the default loss impl (auto), plus a float64 copy of the model as loaded."""
+    import copy
+
+    from llara_fast.config import ModelArgs
+    from llara_fast.model import Transformer
+    from llara_fast.objectives.llara import LlaraObjective, LlaraTrainModule
+    from llara_fast.pretrain import PretrainConfig
+    from llara_fast.train.config import load_config
+    from llara_fast.train.trainer import Trainer
+
+    cfg = load_config(["--run.dtype", dtype, "--run.device", "cpu", "--run.out_dir", str(tmp_path / "run"),
+                       "--optim.lr", "1e-2", "--optim.warmup_steps", "0"], PretrainConfig)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=80, ffn_hidden=48), attn_backend="auto")
+    model.init_weights(seed=5)
+    ref = copy.deepcopy(model).double()
+    trainer = Trainer(cfg, "pretrain", default_steps=(2, 2))
+    trainer.build(model, LlaraTrainModule(model, cfg.loss), LlaraObjective(80))
+    return trainer, ref
+
+
+def test_float64_run_keeps_float64_throughout(tmp_path, in_process_group):
+    """--run.dtype fp64: master weights, gradients (after FSDP2's reduction), optimizer state and
+    the logged loss parts and gradient norm are float64: the step's logged values equal the float64
+    reference loss (impl reference) and its gradient norm to ALGEBRA_RTOL, which one fp32 rounding
+    anywhere (an fp32 loss, an fp32 gradient reduction) would miss by ~1e-8."""
+    import numpy as np
+    import torch.distributed as dist
+    from conftest import random_examples, toy_template
+    from errmodel import ALGEBRA_RTOL
+
+    from llara_fast.data.packing import pack_reference
+    from llara_fast.objectives.llara import LlaraTrainModule, LossConfig
+
+    rng = np.random.default_rng(6)
+    batch = pack_reference(random_examples(rng, [9, 14, 6], 80, n_targets=(1, 8)), toy_template(80), 200)
+    try:
+        trainer, ref = _float64_trainer(tmp_path, "fp64")
+        assert trainer.dtype == torch.float64 and trainer.fast_path["losses"] == "torch (chunked)"
+        grads = []
+        trainer.optimizer.register_step_pre_hook(
+            lambda opt, *_: grads.extend(p.grad for g in opt.param_groups for p in g["params"]))
+        stats = trainer.step([batch])
+    finally:
+        dist.destroy_process_group()
+    params = list(trainer.module.parameters())
+    assert params and all(p.dtype == torch.float64 for p in params)
+    assert len(grads) == len(params) and all(g.dtype == torch.float64 for g in grads)
+    assert all(s["exp_avg"].dtype == torch.float64 for s in trainer.optimizer.state.values())
+    total, parts = LlaraTrainModule(ref, LossConfig(impl="reference"))(batch)
+    total.backward()
+    want_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+    want = torch.cat([total.detach()[None], parts]).tolist() + [float(want_norm)]
+    np.testing.assert_allclose(stats.parts + [stats.grad_norm], want, rtol=ALGEBRA_RTOL, atol=0)
+    assert not torch.equal(params[0].full_tensor(), next(ref.parameters()).detach())  # it trained
+
+
+def test_float64_on_cuda_is_refused(monkeypatch):
+    from llara_fast.errors import ConfigError
+    from llara_fast.pretrain import PretrainConfig
+    from llara_fast.train.config import load_config
+    from llara_fast.train.trainer import init_run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    run = load_config(["--run.dtype", "float64"], PretrainConfig).run
+    with pytest.raises(ConfigError, match="run.dtype float64 runs on the CPU only"):
+        init_run(run)
