@@ -1,4 +1,5 @@
-"""`llara_fast.finetune` end to end, in subprocesses as users run it: FSDP with cross-rank
+"""`llara_fast.finetune` end to end (torchrun and kill -9 in subprocesses, single runs through main() in
+this process: conftest.run_main): FSDP with cross-rank
 negatives (1 process == 2 processes for the same global batch), exact resume after kill -9,
 LoRA merged on export, bad input skipped and counted."""
 import json
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAME_ORDER, hooked, run_entry
+from conftest import SAME_ORDER, hooked, run_entry, run_main
 from errmodel import ALGEBRA_RTOL
 
 COMMON = ["--model.name", "debug", "--model.random_init", "true", "--data.limit", "24", "--data.negatives", "2",
@@ -14,6 +15,8 @@ COMMON = ["--model.name", "debug", "--model.random_init", "true", "--data.limit"
 
 
 def _run(args, nproc=1, hooks=(), check=True, env=None):
+    if nproc == 1 and not hooks and env is None:  # the CLI's main() in this process (conftest.run_main)
+        return run_main("llara_fast.finetune", args, check=check)
     target = hooked("llara_fast.finetune", *hooks) if hooks else ["-m", "llara_fast.finetune"]
     return run_entry(target, args, nproc, check=check, env=env)
 
@@ -46,17 +49,31 @@ def test_grad_cache_run_matches_one_piece(tmp_path):
 
 
 def test_two_processes_share_negatives_and_match_one(tmp_path):
-    """4 queries per step: 1 process x 4 == 2 processes x 2 with passages gathered across ranks."""
+    """4 queries per step: 1 process x 4 == 2 processes x 2 with passages gathered across ranks,
+    step for step, and so are the evaluations during training (eval.every 1 with keep_best: the
+    full weights gathered, rank 0 evaluates, rank 1 waits) and the best step kept."""
+    from conftest import write_wiki_beir
+
+    beir = write_wiki_beir(tmp_path / "beir", 30, 8, "dev")
+    ev = ["--eval.beir", str(beir), "--eval.every", "1", "--eval.max_docs", "20", "--eval.keep_best", "mrr@10"]
     one, two = tmp_path / "one", tmp_path / "two"
     f64 = ["--run.dtype", "float64"]  # algebra: float64 on both sides, so ALGEBRA_RTOL (tests/errmodel.py)
-    _run([*COMMON, *f64, "--data.queries", "4", "--run.steps", "4", "--run.out_dir", str(one)])
-    _run([*COMMON, *f64, "--data.queries", "2", "--run.steps", "4", "--run.out_dir", str(two)], nproc=2)
-    a, b = _metrics(one), _metrics(two)
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
+    _run([*COMMON, *f64, *ev, "--data.queries", "4", "--run.steps", "4", "--run.out_dir", str(one)])
+    _run([*COMMON, *f64, *ev, "--data.queries", "2", "--run.steps", "4", "--run.out_dir", str(two)], nproc=2)
+    (a, ea), (b, eb) = ([[m for m in _metrics(run) if ("eval" in m) == e] for e in (False, True)] for run in (one, two))
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [m["step"] for m in ea] == [m["step"] for m in eb] \
+        == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert x["queries"] == y["queries"] == 4 and x["passages"] == y["passages"] == 12
         for k in ("loss", "accuracy", "grad_norm"):
             assert x[k] == pytest.approx(y[k], rel=ALGEBRA_RTOL, abs=0), (x["step"], k)
+    for x, y in zip(ea, eb):
+        # the embeddings agree to ~ALGEBRA_RTOL, so the rankings are the same and the metrics equal (up
+        # to their own float sums); a swapped rank moves a metric of 8 queries by far more
+        for k in ("ndcg@10", "mrr@10", "recall@100", "documents", "queries"):
+            assert x["eval"][k] == pytest.approx(y["eval"][k], rel=ALGEBRA_RTOL, abs=1e-12), (x["step"], k)
+    best = [json.loads((run / "best" / "best.json").read_text()) for run in (one, two)]
+    assert best[0]["step"] == best[1]["step"] and best[0]["metric"] == "mrr@10"
     # without cross-rank sharing each query sees only its rank's 6 passages: a different loss
     local = tmp_path / "local"
     _run([*COMMON, *f64, "--data.queries", "2", "--run.steps", "1", "--run.out_dir", str(local),
@@ -80,26 +97,6 @@ def test_resume_after_kill_is_exact(tmp_path):
     for m in got[2:]:
         for k in ("loss", "accuracy", "grad_norm", "tokens"):
             assert m[k] == want[m["step"]][k], (m["step"], k)
-
-
-def test_eval_during_training_two_processes_match_one(tmp_path):
-    """eval.every 1 with keep_best over 2 FSDP processes (the full weights gathered, rank 0
-    evaluates, rank 1 waits) gives the evaluations of 1 process on the same global batch."""
-    from conftest import write_wiki_beir
-
-    beir = write_wiki_beir(tmp_path / "beir", 30, 8, "dev")
-    ev = ["--run.steps", "3", "--eval.beir", str(beir), "--eval.every", "1", "--eval.max_docs", "20",
-          "--eval.keep_best", "mrr@10"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run([*COMMON, "--data.queries", "4", *ev, "--run.out_dir", str(one)])
-    _run([*COMMON, "--data.queries", "2", *ev, "--run.out_dir", str(two)], nproc=2)
-    a, b = ([m for m in _metrics(run) if "eval" in m] for run in (one, two))
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
-    for x, y in zip(a, b):
-        for k in ("ndcg@10", "mrr@10", "recall@100", "documents", "queries"):
-            assert x["eval"][k] == pytest.approx(y["eval"][k], abs=1e-6), (x["step"], k)
-    best = [json.loads((run / "best" / "best.json").read_text()) for run in (one, two)]
-    assert best[0]["step"] == best[1]["step"] and best[0]["metric"] == "mrr@10"
 
 
 def test_lora_run_exports_merged_weights(tmp_path):

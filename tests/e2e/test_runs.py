@@ -1,7 +1,8 @@
 """Runs that cannot lose work (llara_fast.train.trainer, llara_fast.io.checkpoint): a run directory
 belongs to one run, checkpoints are verified and matched to the configuration before a resume,
 a refused start changes nothing, SIGTERM saves and exits so that a resume continues exactly,
-rotation and disk errors never leave a checkpoint that looks complete but is not."""
+rotation and disk errors never leave a checkpoint that looks complete but is not. Signals, kills and
+bit-exact comparisons run in subprocesses; other single runs call main() here (conftest.run_main)."""
 import errno
 import fcntl
 import json
@@ -14,14 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAME_ORDER, hooked, run_entry, step_hashes
+from conftest import SAME_ORDER, hooked, run_entry, run_main, step_hashes
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMON = ["--model.name", "debug", "--model.random_init", "true", "--run.export", "false", "--data.limit", "60", "--data.token_budget", "500",
+COMMON = ["--model.name", "debug", "--model.random_init", "true", "--run.export", "false", "--data.limit", "60",
+          "--data.token_budget", "500",
           "--optim.lr", "1e-3", "--optim.warmup_steps", "1"]
 
 
 def _run(args, hooks=(), check=True, env=None):
+    if not hooks and env is None:  # the CLI's main() in this process (conftest.run_main)
+        return run_main("llara_fast.pretrain", args, check=check)
     target = hooked("llara_fast.pretrain", *hooks) if hooks else ["-m", "llara_fast.pretrain"]
     return run_entry(target, args, check=check, env=env)
 
@@ -312,6 +316,7 @@ def test_a_token_budget_below_the_longest_example_is_refused_up_front(tmp_path):
     command then runs without --run.overwrite)."""
     run = tmp_path / "run"
     p = _run([*COMMON, "--data.token_budget", "60", "--run.steps", "1", "--run.out_dir", str(run)], check=False)
-    assert p.returncode == 2 and "token budget 60 (data.token_budget) is below the longest example" in p.stderr, p.stderr[-1500:]
+    assert p.returncode == 2 and "token budget 60 (data.token_budget) is below the longest example" in p.stderr, \
+        p.stderr[-1500:]
     assert "raise it to at least" in p.stderr and not (run / "config.toml").exists()
     _run([*COMMON, "--run.steps", "1", "--run.out_dir", str(run)])  # the corrected rerun

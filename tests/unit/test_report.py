@@ -7,42 +7,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, write_wiki_beir
+from conftest import run_in_process, write_wiki_beir
 
 from llara_fast.errors import ConfigError, UserError
 from llara_fast.train.report import check_report_to, read_metrics
-from llara_fast.train.trainer import Trainer
 
-PRETRAIN = ["--model.name", "debug", "--model.random_init", "true", "--run.export", "false", "--data.limit", "16", "--data.token_budget", "300", "--optim.lr", "1e-3",
-            "--optim.warmup_steps", "1"]
-FINETUNE = ["--model.name", "debug", "--model.random_init", "true", "--data.limit", "24", "--data.negatives", "2", "--data.queries", "4",
+PRETRAIN = ["--model.name", "debug", "--model.random_init", "true", "--run.export", "false", "--data.limit", "16",
+            "--data.token_budget", "300", "--optim.lr", "1e-3", "--optim.warmup_steps", "1"]
+FINETUNE = ["--model.name", "debug", "--model.random_init", "true", "--data.limit", "24", "--data.negatives", "2",
+            "--data.queries", "4",
             "--optim.lr", "1e-3", "--optim.warmup_steps", "1", "--run.export", "false"]
 
 
 @pytest.fixture
-def in_process(monkeypatch):
-    """Run a job's main() here as a 1-process group: a fresh rendezvous port each run, the run
-    directory's lock released after it (a process holds it for life), env and hooks restored."""
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
-        monkeypatch.setenv(k, v)  # set here, so that they are gone after the test (subprocesses of others)
-    made, claim = [], Trainer.claim
-
-    def claiming(self):
-        made.append(self)
-        claim(self)
-    monkeypatch.setattr(Trainer, "claim", claiming)
-
-    def run(main, args, hooks=()):
-        monkeypatch.setenv("MASTER_PORT", str(free_port()))
-        monkeypatch.setattr(Trainer, "hooks", list(hooks))
-        try:
-            return main(args)
-        finally:
-            while made:
-                lock = getattr(made.pop(), "_lock", None)
-                if lock is not None:
-                    lock.release()
-    return run
+def in_process():
+    """Run a job's main() here as a 1-process group (conftest.run_in_process)."""
+    return run_in_process
 
 
 def _png(path: Path) -> bool:
