@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# a venv left without pip (setup interrupted while creating it) is made again
+.venv/bin/python -m pip --version >/dev/null 2>&1 || "$PY" -m venv --clear .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # constraints.txt: the exact versions the suite passed on (an unpinned transformers once broke loading)
 .venv/bin/python -m pip install -q -r requirements.txt -c constraints.txt

@@ -41,7 +41,10 @@ its opmath type), γ_n = n·u / (1 - n·u):
   absolute UNDERFLOW (`storage=` arguments). An output may be rounded to the half format twice:
   as partial products (a half GEMM per chunk or per pooled row, at most one per row summed) and
   as the final cast of the fp32 accumulator.
-- ATTENTION: the same rules applied to softmax attention (`attention_tols`).
+- ATTENTION: the same rules applied to softmax attention (`attention_tols`). With grouped-query
+  heads and half storage, each query head's dK / dV may be a stored partial and the G partials summed
+  in the half format (sdpa's backward through expanded K, V does): us + γ_(G-1) of the half format
+  on their magnitude.
 - EMBEDDINGS: a unit vector computed in float64 and rounded to fp32 once at the end (the Encoder)
   is within half an fp32 ulp of its float64 value, so two of them whose float64 values agree to
   ALGEBRA_RTOL differ by at most one ulp: EMB_ATOL = 2^-24 for entries in [-1, 1]. Where the pooling
@@ -339,4 +342,7 @@ def attention_tols(q, k, v, mask, do, dtype: torch.dtype = torch.float32, storag
         dv_mag = pdo.reshape(N, KV, G, D).sum(2)
         tol_o, tol_dq = tol_o + us * (pv + tol_o), tol_dq + us * (dq_mag + tol_dq)
         tol_dk, tol_dv = tol_dk + us * (dk_mag + tol_dk), tol_dv + us * (dv_mag + tol_dv)
+        if G > 1:  # grouped heads: each head's dK / dV may be stored (us) and the G summed in the half
+            gs = (G - 1) * us / (1 - (G - 1) * us)  # format (γ_(G-1) of its u), as sdpa's expanded K, V do
+            tol_dk, tol_dv = tol_dk + (us + gs) * (dk_mag + tol_dk), tol_dv + (us + gs) * (dv_mag + tol_dv)
     return tol_o, tol_dq, tol_dk, tol_dv
