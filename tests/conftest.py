@@ -182,9 +182,9 @@ def run_entry(target: list[str], args, nproc: int = 1, env=None, check: bool = T
     return p
 
 
-def run_in_process(main, args, hooks=()) -> int:
+def run_in_process(main, args, hooks=(), cwd=None) -> int:
     """A job's main(argv) here, as a 1-process group (what `python -m X` sets up for itself): a fresh
-    rendezvous port, cwd the project root like run_entry's, Trainer.hooks set, the run directory's lock
+    rendezvous port, cwd the project root like run_entry's (or ``cwd``), Trainer.hooks set, the run directory's lock
     released after it (a process holds it for life), and the environment and global RNG restored."""
     from llara_fast.train.trainer import Trainer
 
@@ -197,7 +197,7 @@ def run_in_process(main, args, hooks=()) -> int:
         made.append(self)
         claim(self)
     os.environ.update(env)
-    os.chdir(Path(__file__).resolve().parents[1])
+    os.chdir(cwd or Path(__file__).resolve().parents[1])
     Trainer.claim, Trainer.hooks = claiming, list(hooks)
     try:
         with torch.random.fork_rng(devices=[]):
@@ -213,7 +213,7 @@ def run_in_process(main, args, hooks=()) -> int:
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def run_main(module: str, args, check: bool = True):
+def run_main(module: str, args, check: bool = True, cwd=None):
     """`python -m MODULE ARGS` in this process (run_in_process), for runs whose process is not what a
     test checks (no kill, signal, thread count or torchrun): its exit code, stdout and stderr as a
     subprocess.CompletedProcess; an exception escaping main() is exit 1 with its traceback, as in a
@@ -228,7 +228,8 @@ def run_main(module: str, args, check: bool = True):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = run_in_process(importlib.import_module(module).main, args)
+            code = run_in_process(importlib.import_module(module).main, args, cwd=cwd)
+            code = 0 if code is None else code  # some mains return None when done, as sys.exit(None)
         except SystemExit as e:  # argparse: --help, a bad flag
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException:  # noqa: BLE001 - what the interpreter would print, then exit 1

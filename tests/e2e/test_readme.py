@@ -7,7 +7,9 @@ commands read them), with this interpreter as the venv's `python` and `torchrun`
 small limits only: LIMITS appended to each command of a job, and the tiny `debug` model where a
 training command names no model. BEIR commands read `data/beir/scifact`, which the test links to
 the project's copy (no download at test time); torchrun commands run as written (2 processes,
-gloo on CPU). Indented blocks hold placeholders and are not run."""
+gloo on CPU). A plain `python -m llara_fast.X ARGS` runs its main(ARGS) in this process, in that
+directory (conftest.run_main: the same CLI code, exit code and output, without the subprocess's
+imports); every other command runs in bash. Indented blocks hold placeholders and are not run."""
 import os
 import re
 import shlex
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -59,6 +62,18 @@ def small(cmd: str) -> str:
     return cmd + "".join(" " + shlex.quote(x) for x in extra)
 
 
+def in_process(cmd: str) -> tuple[str, list[str]] | None:
+    """(module, argv) of a plain `python -m llara_fast.X ARGS` command (no shell syntax), which the
+    test runs through conftest.run_main (the same main(argv), without a subprocess's 8-10 s of
+    imports); None for any other command (torchrun, echo, redirections), run by bash."""
+    if any(c in cmd for c in "|&;<>$`"):
+        return None
+    words = shlex.split(cmd)
+    if words[:2] == ["python", "-m"] and len(words) > 2 and words[2].startswith("llara_fast."):
+        return words[2], words[3:]
+    return None
+
+
 def test_blocks_are_found():
     """The parser sees the README's runnable blocks (a test over nothing would pass)."""
     found = blocks(README.read_text())
@@ -67,10 +82,13 @@ def test_blocks_are_found():
     for needed in ("-m llara_fast.pretrain", "-m llara_fast.data.prepare", "-m llara_fast.finetune",
                    "-m llara_fast.evaluate", "-m llara_fast.data.pairs", "torchrun --nproc_per_node 2"):
         assert any(needed in c for c in cmds), needed
-    assert not any("../shared" in c for c in cmds)
-    assert without_setup(cmds[0]) == "python -m llara_fast.pretrain"  # the README's first line: setup, then the job  # a user's clone has no ../shared
+    assert not any("../shared" in c for c in cmds)  # a user's clone has no ../shared
+    assert without_setup(cmds[0]) == "python -m llara_fast.pretrain"  # the README's first line: setup, then the job
     assert small("python -m llara_fast.pretrain --run.out_dir r").endswith("--model.random_init true")
     assert "debug" not in small("python -m llara_fast.finetune --model.name runs/default")
+    assert in_process("python -m llara_fast.evaluate --model 'a b'") == ("llara_fast.evaluate", ["--model", "a b"])
+    assert in_process("torchrun --nproc_per_node 2 -m llara_fast.pretrain") is None
+    assert in_process("python -m llara_fast.pretrain > log.txt") is None
 
 
 @pytest.mark.skipif(not (SCIFACT / "corpus.jsonl").is_file(), reason=f"{SCIFACT} is absent")
@@ -94,7 +112,11 @@ def test_readme_commands_run_as_written(tmp_path):
         else:
             todo = [small(c) for c in map(without_setup, commands(body)) if c]
         for cmd in todo:
-            p = subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True, timeout=400)
+            job = in_process(cmd)
+            if job:  # `python -m llara_fast.X ARGS`: its main(ARGS) in this process, in the clone directory
+                p = run_main(job[0], job[1], check=False, cwd=work)
+            else:
+                p = subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True, timeout=400)
             assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
             ran.append(cmd)
     assert len(ran) >= 10

@@ -235,13 +235,13 @@ def test_finetune_resume_checks_its_data(tmp_path):
     a, b = pairs(tmp_path / "a.jsonl", "alpha"), pairs(tmp_path / "b.jsonl", "beta")
     args = ["--model.name", "debug", "--model.random_init", "true", "--data.negatives", "2", "--run.export", "false",
             "--run.out_dir", str(tmp_path / "run")]
-    run_entry(["-m", "llara_fast.finetune"], [*args, "--data.train", str(a), "--run.steps", "2"])
-    p = run_entry(["-m", "llara_fast.finetune"], [*args, "--data.train", str(b), "--run.steps", "3",
-                                                  "--run.resume", "true"], check=False)
+    run_main("llara_fast.finetune", [*args, "--data.train", str(a), "--run.steps", "2"])
+    p = run_main("llara_fast.finetune", [*args, "--data.train", str(b), "--run.steps", "3", "--run.resume", "true"],
+                 check=False)
     assert p.returncode == 2 and f"data.train was '{a}' in this run and is '{b}' now" in p.stderr
     pairs(a, "beta")  # the same file name, other records: the content is checked too
-    p = run_entry(["-m", "llara_fast.finetune"], [*args, "--data.train", str(a), "--run.steps", "3",
-                                                  "--run.resume", "true"], check=False)
+    p = run_main("llara_fast.finetune", [*args, "--data.train", str(a), "--run.steps", "3", "--run.resume", "true"],
+                 check=False)
     assert p.returncode == 1 and "the checkpoint's data is" in p.stderr
 
 
@@ -288,12 +288,12 @@ def test_resume_from_the_runs_own_config_records_what_changed(tmp_path):
     before = (run / "config.toml").read_text()
     for flag, value, old in (("--data.grad_accum", "2", "1"), ("--data.token_budget", "400", "500"),
                              ("--model.name", "smollm2-135m", "'debug'")):
-        p = run_entry(["-m", "llara_fast.pretrain"], ["--run.resume", "true", "--run.out_dir", str(run),
-                                                     "--run.steps", "6", flag, value], check=False)
+        p = run_main("llara_fast.pretrain", ["--run.resume", "true", "--run.out_dir", str(run), "--run.steps", "6",
+                                             flag, value], check=False)
         assert p.returncode == 2 and f"{flag[2:]} was {old} in this run" in p.stderr, p.stderr[-1500:]
         assert (run / "config.toml").read_text() == before
-    p = run_entry(["-m", "llara_fast.pretrain"], ["--run.resume", "true", "--run.out_dir", str(run), "--run.steps",
-                                                 "4"], check=False)
+    p = run_main("llara_fast.pretrain", ["--run.resume", "true", "--run.out_dir", str(run), "--run.steps", "4"],
+                 check=False)
     assert p.returncode == 1 and "the checkpoint is at step 4: nothing to do" in p.stderr
     # from another working directory, only the run directory and what changes
     p = subprocess.run([sys.executable, "-m", "llara_fast.pretrain", "--run.resume", "true", "--run.out_dir",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_entry, write_wiki_beir
+from conftest import run_main, write_wiki_beir
 
 from llara_fast.data.pairs import read_pairs
 from llara_fast.data.sources import iter_wiki_sample
@@ -25,7 +25,7 @@ def wiki_beir(tmp_path_factory) -> Path:
     return write_wiki_beir(tmp_path_factory.mktemp("wiki") / "ds", N_DOCS, N_QUERIES, "train", extra)
 
 
-@pytest.mark.e2e  # runs the data.pairs command in a subprocess
+@pytest.mark.e2e  # mines twice and runs the data.pairs command
 def test_dense_negatives_come_from_the_window(tmp_path, wiki_beir):
     out = tmp_path / "mined.jsonl"
     assert main(["--beir", str(wiki_beir), "--model", "debug", "--attn", "sdpa", "--rank-range", "5:25", "--k", "4",
@@ -52,8 +52,8 @@ def test_dense_negatives_come_from_the_window(tmp_path, wiki_beir):
                  "--quiet", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "pre.jsonl")]) == 0
     assert (tmp_path / "pre.jsonl").read_text() == out.read_text()
     # the spelling, python -m llara_fast.data.pairs --mining dense, runs the same miner
-    run_entry(["-m", "llara_fast.data.pairs"], ["--beir", str(wiki_beir), "--mining", "dense", "--model", "debug",
-                                                "--rank-range", "5:25", "--k", "4", "--out", str(tmp_path / "p.jsonl")])
+    run_main("llara_fast.data.pairs", ["--beir", str(wiki_beir), "--mining", "dense", "--model", "debug",
+                                       "--rank-range", "5:25", "--k", "4", "--out", str(tmp_path / "p.jsonl")])
     assert (tmp_path / "p.jsonl").read_text() == out.read_text()
     assert main(["--beir", str(wiki_beir), "--model", "debug", "--rank-range", "30:5", "--out", str(out)]) == 2
 
@@ -63,9 +63,8 @@ def test_finetune_on_dense_negatives(tmp_path, wiki_beir):
     out = tmp_path / "mined.jsonl"
     assert main(["--beir", str(wiki_beir), "--model", "debug", "--attn", "sdpa", "--rank-range", "2:40", "--k", "3",
                  "--quiet", "--out", str(out)]) == 0
-    run_entry(["-m", "llara_fast.finetune"], ["--model.name", "debug", "--model.random_init", "true", "--data.train",
-                                              str(out), "--data.negatives",
-                                              "2", "--data.queries", "4", "--run.steps", "2", "--run.out_dir",
-                                              str(tmp_path / "run"), "--run.export", "false"])
+    run_main("llara_fast.finetune", ["--model.name", "debug", "--model.random_init", "true", "--data.train", str(out),
+                                     "--data.negatives", "2", "--data.queries", "4", "--run.steps", "2",
+                                     "--run.out_dir", str(tmp_path / "run"), "--run.export", "false"])
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
