@@ -62,6 +62,8 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -378,21 +380,32 @@ def _results(job: Job, blocks: Iterator[Block], workers: int, cap) -> Iterator[t
             yield b, worker.run(b)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=(job,))
-    try:
+    # a ProcessPoolExecutor, not a multiprocessing.Pool: a worker that dies (OOM killer, a signal)
+    # breaks the pool and every pending result raises, where a Pool would wait for its block forever
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker, initargs=(job,)) as pool:
         pending: deque = deque()
-        for b in blocks:
-            b = replace(b, max_records=cap())
-            pending.append((b, pool.apply_async(_pool_block, (b,))))
-            if len(pending) >= 2 * workers:
-                b, r = pending.popleft()
-                yield b, r.get()
-        while pending:
-            b, r = pending.popleft()
-            yield b, r.get()
-    finally:
-        pool.terminate()
-        pool.join()
+        try:
+            for b in blocks:
+                b = replace(b, max_records=cap())
+                pending.append((b, pool.submit(_pool_block, b)))
+                if len(pending) >= 2 * workers:
+                    b, f = pending.popleft()
+                    yield b, _block_result(b, f)
+            while pending:
+                b, f = pending.popleft()
+                yield b, _block_result(b, f)
+        finally:
+            for _, f in pending:  # an early stop: the blocks not started are dropped
+                f.cancel()
+
+
+def _block_result(block: Block, future) -> BlockResult:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        where = f"{block.path} from byte {block.start}" if block.path else "a block of records"
+        raise PrepareError(f"a prepare worker process died while reading {where} (killed by a signal, or out of "
+                           "memory): run it again, with fewer --workers if memory ran out") from None
 
 
 def _resolve_job(input, fmt: str, tokenizer, max_len: int | None, out: Path,

@@ -1,6 +1,7 @@
 """prepare: the released format round trip, text chunking, bad input, tokenizer identity."""
 import io
 import json
+import os
 from contextlib import redirect_stdout
 
 import numpy as np
@@ -453,3 +454,33 @@ def test_default_workers_are_the_usable_cores(tmp_path, monkeypatch):
     for text, want in (("max 100000\n", 8), ("250000 100000\n", 3), ("50000 100000\n", 1), ("2000000 100000", 8)):
         quota.write_text(text)
         assert P.default_workers() == want, text
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """A worker process that dies mid-run (the OOM killer, a signal) stops prepare with one line
+    naming the block it was reading; a multiprocessing.Pool waited for the lost block forever."""
+    import threading
+
+    inp = _corpus(tmp_path)
+    kw = dict(fmt="text", chunk_tokens=24, shard_examples=40, batch_records=16, max_bad_fraction=1.0)
+    real = P.BatchWorker.run
+
+    def dying(self, block):  # in the (forked) worker: the second block kills its process
+        if block.start > 0:
+            os._exit(9)
+        return real(self, block)
+    monkeypatch.setattr(P.BatchWorker, "run", dying)
+    got = {}
+
+    def prepare():
+        try:
+            run(tmp_path, inp, name="dead", workers=2, block_bytes=400, **kw)
+        except Exception as e:  # noqa: BLE001 - the test looks at what it is
+            got["error"] = e
+    t = threading.Thread(target=prepare, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "prepare waits forever for a dead worker's block"
+    e = got.get("error")
+    assert isinstance(e, P.PrepareError) and "a prepare worker process died while reading" in str(e), repr(e)
+    assert "from byte" in str(e) and "fewer --workers" in str(e)
