@@ -343,6 +343,6 @@ def attention_tols(q, k, v, mask, do, dtype: torch.dtype = torch.float32, storag
         tol_o, tol_dq = tol_o + us * (pv + tol_o), tol_dq + us * (dq_mag + tol_dq)
         tol_dk, tol_dv = tol_dk + us * (dk_mag + tol_dk), tol_dv + us * (dv_mag + tol_dv)
         if G > 1:  # grouped heads: each head's dK / dV may be stored (us) and the G summed in the half
-            gs = (G - 1) * us / (1 - (G - 1) * us)  # format (γ_(G-1) of its u), as sdpa's expanded K, V do
-            tol_dk, tol_dv = tol_dk + (us + gs) * (dk_mag + tol_dk), tol_dv + (us + gs) * (dv_mag + tol_dv)
+            gs = us + gamma(G - 1, storage)  # format (γ_(G-1) of its u), as sdpa's expanded K, V do
+            tol_dk, tol_dv = tol_dk + gs * (dk_mag + tol_dk), tol_dv + gs * (dv_mag + tol_dv)
     return tol_o, tol_dq, tol_dk, tol_dv
